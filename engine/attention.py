@@ -1,0 +1,96 @@
+"""Attention metadata and the backend protocol: the seam between the model and the kernels.
+
+The model never looks up global state: every forward receives an `AttentionMetadata` that says,
+for the packed batch of this step, where each request's query tokens are, how long each
+request's context is, where new K/V go and where old K/V are.
+
+Shapes (B requests, T new tokens in all, packed without padding):
+
+    query_start_loc  [B + 1] int32   request i's query tokens are q[query_start_loc[i]:[i + 1]]
+    seq_lens         [B]     int32   tokens in request i's context after this step
+                                      (cached + new); its query is the last q_len of them
+    slot_mapping     [T]     int64   cache slot of each new token: block_id * block_size + offset
+    block_table      [B, M]  int32   request i's block ids in order; entries past its
+                                      ceil(seq_len / block_size) blocks are padding (0)
+
+Invariant: for request i, q_len_i = query_start_loc[i + 1] - query_start_loc[i] <= seq_lens[i],
+and the query tokens sit at positions seq_lens[i] - q_len_i ... seq_lens[i] - 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    query_start_loc: torch.Tensor  # [B + 1] int32
+    seq_lens: torch.Tensor  # [B] int32
+    slot_mapping: torch.Tensor  # [T] int64
+    block_table: torch.Tensor  # [B, max_blocks] int32
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+    # Host copies, so that loops and kernel launch parameters need no device sync.
+    query_start_loc_cpu: tuple[int, ...]
+    seq_lens_cpu: tuple[int, ...]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc_cpu[-1]
+
+
+class AttentionBackend(Protocol):
+    """A paged attention implementation. All backends share the cache layout
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    """
+
+    name: str
+
+    def write_kv(
+        self,
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Stores the new tokens' K/V at meta.slot_mapping."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Causal attention of each request's query over its whole context in the cache.
+
+        A query token at position p sees keys at positions j with j <= p, and, with a sliding
+        window w, also p - j < w (Hugging Face's convention).
+        """
+        ...
+
+
+def write_kv_to_cache(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,  # [T, Hkv, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T]
+) -> None:
+    """Scatters new K/V into their slots; shared by every pure-torch backend."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)

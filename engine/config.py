@@ -1,0 +1,324 @@
+"""Engine configuration: what the user asks for (`EngineArgs`) and what it resolves to.
+
+`EngineArgs` holds the user's arguments under vLLM's names (the CLI flags map 1:1 onto its
+fields, `--max-model-len` -> `max_model_len`). `EngineArgs.create_configs()` resolves them against
+the checkpoint into three frozen configs: `ModelConfig` (what to load, in which dtype, on which
+device), `CacheConfig` (the paged KV cache's shape and budget) and `SchedulerConfig` (batch limits).
+
+Invariants: configs are frozen and never mutated after construction (derive a new one with
+`dataclasses.replace`); every resolved config has concrete values (no "auto" survives
+resolution); a bad argument raises `ValueError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+SCHEDULERS = ("default", "reference")
+# "name" or "org/name", as the hub spells repository ids; anything else is meant as a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """The checkpoint and how to run it."""
+
+    model: str  # the name the user gave (local path or hub id)
+    model_path: Path  # local directory holding config.json and the safetensors files
+    tokenizer_path: Path
+    hf_config: Any = field(repr=False, compare=False)  # transformers.PretrainedConfig
+    architecture: str
+    dtype: torch.dtype
+    device: torch.device
+    max_model_len: int
+    seed: int
+    max_logprobs: int
+    eos_token_ids: tuple[int, ...]
+    trust_remote_code: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config.num_hidden_layers)
+
+    @property
+    def num_kv_heads(self) -> int:
+        cfg = self.hf_config
+        return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        cfg = self.hf_config
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The paged KV cache: `num_blocks` blocks of `block_size` token slots per layer."""
+
+    block_size: int
+    num_blocks: int
+    kv_cache_memory_bytes: int  # the budget the block count was derived from
+    enable_prefix_caching: bool = True
+
+    @property
+    def num_token_slots(self) -> int:
+        return self.block_size * self.num_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Limits of one engine step."""
+
+    scheduler: str  # "default" (production) or "reference"
+    max_num_seqs: int  # requests in one step
+    max_num_batched_tokens: int  # tokens in one step
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class EngineArgs:
+    """Everything a user can set, under vLLM's names. Defaults follow vLLM where it has one."""
+
+    model: str
+    tokenizer: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    max_logprobs: int = 20
+    # "default": the production scheduler (chunked prefill, prefix caching, preemption);
+    # "reference": the simplest correct one, to diff against.
+    scheduler: str = "default"
+    # None: on for the default scheduler; the reference scheduler has neither.
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    attention_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_logprobs", self.max_logprobs, allow_zero=True)
+        for name in (
+            "max_model_len",
+            "max_num_batched_tokens",
+            "kv_cache_memory_bytes",
+            "num_gpu_blocks_override",
+        ):
+            value = getattr(self, name)
+            if value is not None:
+                _positive(name, value)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(
+                f"dtype must be one of auto, {', '.join(sorted(_DTYPES))}; got {self.dtype!r}"
+            )
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+
+    def replace(self, **changes: Any) -> EngineArgs:
+        return dataclasses.replace(self, **changes)
+
+    def create_model_config(self) -> ModelConfig:
+        """Resolves the checkpoint (local dir or hub id), its config, dtype, device and length."""
+        from transformers import AutoConfig
+
+        from engine.models.registry import resolve_architecture
+
+        model_path = resolve_model_path(self.model, self.revision)
+        tokenizer_path = (
+            resolve_model_path(self.tokenizer, self.revision) if self.tokenizer else model_path
+        )
+        if not (model_path / "config.json").is_file():
+            raise ValueError(f"model directory {str(model_path)!r} has no config.json")
+        try:
+            hf_config = AutoConfig.from_pretrained(
+                model_path, trust_remote_code=self.trust_remote_code
+            )
+        except Exception as e:  # transformers raises several types for bad configs
+            raise ValueError(f"could not read {model_path / 'config.json'}: {e}") from e
+        architecture = resolve_architecture(hf_config)
+        device = _resolve_device(self.device)
+        dtype = _resolve_dtype(self.dtype, hf_config, device)
+
+        max_pos = int(getattr(hf_config, "max_position_embeddings", 0) or 0)
+        max_model_len = self.max_model_len or max_pos
+        if max_model_len <= 0:
+            raise ValueError("max_model_len: the config has no max_position_embeddings; set it")
+        if max_pos and max_model_len > max_pos:
+            raise ValueError(
+                f"max_model_len ({max_model_len}) is larger than the model's "
+                f"max_position_embeddings ({max_pos})"
+            )
+        return ModelConfig(
+            model=self.model,
+            model_path=model_path,
+            tokenizer_path=tokenizer_path,
+            hf_config=hf_config,
+            architecture=architecture,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            seed=self.seed,
+            max_logprobs=self.max_logprobs,
+            eos_token_ids=_eos_token_ids(model_path, hf_config),
+            trust_remote_code=self.trust_remote_code,
+        )
+
+    @property
+    def resolved_chunked_prefill(self) -> bool:
+        if self.scheduler == "reference":
+            if self.enable_chunked_prefill:
+                raise ValueError("enable_chunked_prefill: the reference scheduler has none")
+            return False
+        return self.enable_chunked_prefill is not False
+
+    @property
+    def resolved_prefix_caching(self) -> bool:
+        if self.scheduler == "reference":
+            if self.enable_prefix_caching:
+                raise ValueError("enable_prefix_caching: the reference scheduler has none")
+            return False
+        return self.enable_prefix_caching is not False
+
+    def create_scheduler_config(self, model_config: ModelConfig) -> SchedulerConfig:
+        chunked = self.resolved_chunked_prefill
+        max_len = model_config.max_model_len
+        # Without chunking a step must fit a whole prompt; with it, 2048 tokens a step keeps
+        # decodes flowing between prompt chunks.
+        budget = self.max_num_batched_tokens or (2048 if chunked else max(max_len, 2048))
+        if not chunked and budget < max_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({budget}) is smaller than max_model_len ({max_len}); "
+                "without chunked prefill a step must fit the longest prompt"
+            )
+        if budget < self.max_num_seqs and self.max_num_batched_tokens is not None:
+            raise ValueError(
+                f"max_num_batched_tokens ({budget}) must be >= max_num_seqs ({self.max_num_seqs})"
+            )
+        return SchedulerConfig(
+            scheduler=self.scheduler,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=max_len,
+            enable_chunked_prefill=chunked,
+        )
+
+
+def _positive(name: str, value: int, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}")
+
+
+def resolve_model_path(model: str, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, downloaded if reachable.
+
+    Raises ValueError saying both what was tried and why it failed, so a typo in a path does not
+    surface as a network error.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ValueError(f"model {model!r} is a file; expected a checkpoint directory")
+    if not _HUB_ID.fullmatch(model):
+        raise ValueError(f"model directory {model!r} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            model,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:
+        raise ValueError(
+            f"model {model!r} is not a local directory and could not be fetched from the "
+            f"Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            "Pass the path of a local checkpoint directory."
+        ) from e
+    return Path(local)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device: {e}") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but CUDA is not available")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.type == "cpu":
+        # bf16/fp16 matmuls are several times slower than fp32 on these CPUs.
+        return torch.float32
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = _DTYPES.get(config_dtype)
+    if config_dtype in (torch.float16, torch.bfloat16):
+        return config_dtype
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _eos_token_ids(model_path: Path, hf_config: Any) -> tuple[int, ...]:
+    """End-of-sequence ids: generation_config.json's, then config.json's (both may be lists)."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        if value is None:
+            return
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if int(v) not in ids:
+                ids.append(int(v))
+
+    if (model_path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            add(GenerationConfig.from_pretrained(model_path).eos_token_id)
+        except Exception as e:  # a broken generation config should not stop serving
+            logger.warning("ignoring unreadable generation_config.json: %s", e)
+    add(getattr(hf_config, "eos_token_id", None))
+    return tuple(ids)

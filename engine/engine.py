@@ -1,0 +1,436 @@
+"""LLMEngine (add_request / abort_request / step) and LLM, the offline API on top of it.
+
+One `step()`: the scheduler picks the work, the runner computes it in one packed forward and
+samples, the scheduler applies the samples, and the engine turns the updated requests into
+`RequestOutput`s (detokenizing incrementally). A prompt with `n > 1` becomes n engine requests
+(samples) grouped under the caller's request id; its output lists the n completions.
+
+Invariants: every request id the caller gives is unique among live requests; a request that
+fails validation is never added (nothing else is touched); once a group's requests have all
+finished, its blocks are free and the engine forgets it after returning its last output.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import EngineArgs
+from engine.fast.registry import get_attention_backend
+from engine.kv_cache import allocate_kv_cache, create_cache_config
+from engine.logprobs import TokenTexts
+from engine.models.loader import load_model
+from engine.reference.scheduler import ReferenceScheduler
+from engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
+from engine.runner import ModelRunner, RunnerOutput
+from engine.sampler import splitmix64
+from engine.sampling_params import SamplingParams, tokenize_bad_words
+from engine.scheduler.interface import Scheduler, SchedulerOutput, SchedulerStats
+from engine.scheduler.scheduler import DefaultScheduler
+from engine.stop import StopStringChecker
+from engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# What a prompt may be: text, token ids, or vLLM's dict forms {"prompt": ...} /
+# {"prompt_token_ids": [...]}.
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """Counters for logs and /metrics. Token totals count since start-up."""
+
+    scheduler: SchedulerStats
+    prompt_tokens_total: int  # prompt tokens of requests added
+    generation_tokens_total: int  # tokens sampled
+
+
+@dataclass
+class _Group:
+    """The caller's request: its prompt and the n samples generated for it."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    requests: list[Request]
+    detokenizers: list[IncrementalDetokenizer]
+    stop_checkers: list[StopStringChecker] = field(default_factory=list)  # output text, per sample
+
+    @property
+    def finished(self) -> bool:
+        return all(r.is_finished for r in self.requests)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.model_config = args.create_model_config()
+        self.scheduler_config = args.create_scheduler_config(self.model_config)
+        self.cache_config = create_cache_config(args, self.model_config)
+        self.tokenizer = load_tokenizer(
+            self.model_config.tokenizer_path, trust_remote_code=args.trust_remote_code
+        )
+        self.attention_backend = get_attention_backend(
+            args.attention_backend, self.model_config.device
+        )
+        self.model = load_model(self.model_config, self.attention_backend)
+        kv_caches = allocate_kv_cache(self.model_config, self.cache_config)
+        self.runner = ModelRunner(
+            self.model, kv_caches, self.cache_config.block_size, self.model_config.device
+        )
+        reference = self.scheduler_config.scheduler == "reference"
+        scheduler_class = ReferenceScheduler if reference else DefaultScheduler
+        self.scheduler: Scheduler = scheduler_class(self.scheduler_config, self.cache_config)
+        # Unseeded requests draw their sampling seed from here: reproducible per engine seed.
+        self._seed_rng = random.Random(args.seed)
+        self._groups: dict[str, _Group] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt, validated against the vocabulary and max_model_len."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, token_ids = prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                return self.tokenize_prompt(str(prompt["prompt"]))
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            text, token_ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt)}")
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        vocab = self.model_config.vocab_size
+        for token_id in token_ids:
+            if isinstance(token_id, bool) or not isinstance(token_id, int):
+                raise ValueError(f"prompt_token_ids must be integers, got {token_id!r}")
+            if not 0 <= token_id < vocab:
+                raise ValueError(
+                    f"prompt_token_ids: token id {token_id} is outside the vocabulary [0, {vocab})"
+                )
+        max_len = self.model_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt is too long: {len(token_ids)} tokens, and max_model_len is {max_len} "
+                "(the prompt must leave room for at least one generated token)"
+            )
+        return text, token_ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+    ) -> None:
+        """Validates and queues a request. Raises ValueError (and adds nothing) on bad input."""
+        params = params if params is not None else SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params.validate_for_model(self.model_config.vocab_size, self.model_config.max_logprobs)
+        bad_words_token_ids = tokenize_bad_words(params.bad_words, self.tokenizer)
+        text, token_ids = self.tokenize_prompt(prompt)
+        self._check_fits_kv_cache(len(token_ids), params)
+        cache_salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        if cache_salt is not None and not isinstance(cache_salt, str):
+            raise ValueError(f"cache_salt must be a string, got {cache_salt!r}")
+
+        requests: list[Request] = []
+        for index in range(params.n):
+            if params.seed is None:
+                seed = self._seed_rng.getrandbits(63)
+            else:  # sample i of a seeded request: its own stream, reproducible from the seed
+                seed = params.seed if index == 0 else splitmix64(params.seed ^ splitmix64(index))
+            requests.append(
+                Request(
+                    request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                    prompt_token_ids=token_ids,
+                    sampling_params=params,
+                    eos_token_ids=self.model_config.eos_token_ids,
+                    max_model_len=self.model_config.max_model_len,
+                    sampling_seed=seed,
+                    parent_id=request_id,
+                    sample_index=index,
+                    cache_salt=cache_salt,
+                    bad_words_token_ids=bad_words_token_ids,
+                )
+            )
+        group = _Group(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=token_ids,
+            requests=requests,
+            detokenizers=[
+                IncrementalDetokenizer(
+                    self.tokenizer,
+                    token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    spaces_between_special_tokens=params.spaces_between_special_tokens,
+                )
+                for _ in requests
+            ],
+            stop_checkers=[
+                StopStringChecker(params.stop, params.include_stop_str_in_output) for _ in requests
+            ],
+        )
+        self._groups[request_id] = group
+        for request in requests:
+            self.scheduler.add_request(request)
+        self.num_prompt_tokens_total += len(token_ids)
+
+    def _check_fits_kv_cache(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """A request whose tokens could outgrow the whole KV cache would be preempted forever:
+        reject it now (it can grow to prompt + max_tokens, capped by max_model_len)."""
+        max_len = self.model_config.max_model_len
+        longest = min(num_prompt_tokens + (params.max_tokens or max_len), max_len)
+        capacity = self.cache_config.num_token_slots
+        if longest > capacity:
+            raise ValueError(
+                f"request could grow to {longest} tokens (prompt {num_prompt_tokens} + "
+                f"max_tokens {params.max_tokens}), more than the whole KV cache holds "
+                f"({capacity} tokens); lower max_tokens or raise kv_cache_memory_bytes"
+            )
+
+    def abort_request(self, request_id: str | Iterable[str]) -> None:
+        """Stops requests (by the caller's id) and frees their blocks at once. Unknown ids are
+        ignored, as a request may finish while its abort is on the way."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        child_ids: list[str] = []
+        for rid in ids:
+            group = self._groups.pop(rid, None)
+            if group is not None:
+                child_ids += [r.request_id for r in group.requests]
+        if child_ids:
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    def get_stats(self) -> EngineStats:
+        return EngineStats(
+            scheduler=self.scheduler.stats(),
+            prompt_tokens_total=self.num_prompt_tokens_total,
+            generation_tokens_total=self.num_generation_tokens_total,
+        )
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- stepping ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduling step; returns the outputs of the requests it advanced."""
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return []
+        result = self.runner.execute(output)
+        self._add_prompt_logprobs(output, result)
+        updated = self.scheduler.update_from_output(output, result.sampled)
+        self.num_generation_tokens_total += len(updated)
+
+        touched: dict[str, _Group] = {}
+        for request in updated:
+            group = self._groups.get(request.parent_id or request.request_id)
+            if group is None:
+                continue
+            self._process_new_token(group, request)
+            touched[group.request_id] = group
+
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._make_output(group))
+            if group.finished:
+                del self._groups[group.request_id]
+        return outputs
+
+    @functools.cached_property
+    def token_texts(self) -> TokenTexts:
+        """The decoded_token of logprob entries."""
+        return TokenTexts(self.tokenizer)
+
+    def _add_prompt_logprobs(self, output: SchedulerOutput, result: RunnerOutput) -> None:
+        for item in output.scheduled:
+            chunk = result.prompt_logprobs.get(item.request.request_id)
+            if chunk is not None:
+                first_index, entries = chunk
+                for entry in entries:
+                    self.token_texts.fill(entry)
+                item.request.add_prompt_logprobs(first_index, entries)
+
+    def _process_new_token(self, group: _Group, request: Request) -> None:
+        """Detokenizes the request's new token and ends the request on a stop string."""
+        index = request.sample_index
+        detok = group.detokenizers[index]
+        delta = detok.add_tokens([request.output_token_ids[-1]])
+        if request.is_finished:
+            delta += detok.flush()
+        if request.logprobs:
+            self.token_texts.fill(request.logprobs[-1])
+        # As in vLLM, no stop string can end within the first min_tokens tokens' text.
+        check = request.num_output_tokens > request.sampling_params.min_tokens
+        stop = group.stop_checkers[index].append(delta, check=check)
+        if stop is None:
+            return
+        request.stop_reason = stop
+        if request.is_finished:  # it also hit a length limit or a stop token with this token
+            request.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        completions = []
+        for request, checker in zip(group.requests, group.stop_checkers, strict=True):
+            params = request.sampling_params
+            completions.append(
+                CompletionOutput(
+                    index=request.sample_index,
+                    text=checker.visible_text(finished=request.is_finished),
+                    token_ids=list(request.output_token_ids),
+                    cumulative_logprob=(
+                        request.cumulative_logprob if params.logprobs is not None else None
+                    ),
+                    logprobs=list(request.logprobs) if request.logprobs is not None else None,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=group.finished,
+            prompt_logprobs=(
+                list(group.requests[0].prompt_logprobs)
+                if group.requests[0].prompt_logprobs is not None
+                else None
+            ),
+        )
+
+
+class LLM:
+    """The offline API: `LLM(model=PATH).generate(prompts, SamplingParams(...))`.
+
+    Keyword arguments are `EngineArgs` fields (vLLM's names: dtype, seed, max_model_len,
+    block_size, max_num_seqs, kv_cache_memory_bytes, num_gpu_blocks_override, ...).
+    `model=None` runs the embedded demo model (random weights: its text is noise).
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if model is None:
+            from engine.demo import demo_model_path
+
+            model = str(demo_model_path())
+        self.llm_engine = LLMEngine(EngineArgs(model=str(model), **kwargs))
+        self._counter = 0
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generates for every prompt; returns one RequestOutput per prompt, in input order."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]  # a single prompt
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(
+                    f"sampling_params: got {len(params_list)} for {len(prompts)} prompts"
+                )
+        ids = self._add_all(prompts, params_list)
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Applies the model's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptType] = [
+            {
+                "prompt_token_ids": apply_chat_template(
+                    self.get_tokenizer(),
+                    conversation,
+                    add_generation_prompt=add_generation_prompt,
+                    chat_template=chat_template,
+                )
+            }
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _add_all(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
+        engine = self.llm_engine
+        ids: list[str] = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                request_id = str(self._counter)
+                self._counter += 1
+                engine.add_request(request_id, prompt, p)
+                ids.append(request_id)
+        except Exception:
+            engine.abort_request(ids)  # leave the engine as it was
+            raise
+        return ids
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        engine = self.llm_engine
+        pending = set(ids)
+        results: dict[str, RequestOutput] = {}
+        start = time.perf_counter()
+        prompt_tokens = generated = 0
+        with tqdm(
+            total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True
+        ) as bar:
+            while pending:
+                for out in engine.step():
+                    if out.finished and out.request_id in pending:
+                        pending.discard(out.request_id)
+                        results[out.request_id] = out
+                        prompt_tokens += len(out.prompt_token_ids)
+                        generated += sum(len(c.token_ids) for c in out.outputs)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(
+                            f"input: {prompt_tokens / elapsed:.1f} toks/s, "
+                            f"output: {generated / elapsed:.1f} toks/s"
+                        )
+                        bar.update(1)
+                if pending and not engine.has_unfinished_requests():
+                    raise RuntimeError(f"requests {sorted(pending)} vanished from the engine")
+        return [results[i] for i in ids]
+
+
+__all__ = ["LLM", "LLMEngine", "RequestStatus"]

@@ -1,0 +1,240 @@
+"""Vectorised paged attention in plain torch ops: the fast backend on CPU, and anywhere the CUDA
+kernels are missing.
+
+Owns `TorchNativeAttention` (`--attention-backend torch`). One forward handles a mixed batch of
+decodes and prompt chunks without a per-request Python loop:
+
+1. Plan (once per step, shared by every layer): requests are grouped by query length (all
+   decodes together; prompt chunks sorted and packed into a few groups of similar length, so
+   padding stays bounded). For each group the plan holds the block ids each request reads, the
+   packed-token index of every (padded) query slot, and a boolean visibility mask built from
+   positions (causal, offset by the cached tokens, optionally a sliding window).
+2. Per layer and group: one gather of whole blocks through the block table, straight into a
+   [Hkv, n, S, D] layout, then two batched matmuls around a masked softmax.
+
+GQA is folded, not repeated: the G query heads that share a KV head become G extra query rows of
+that head ([Hkv, n, Q * G, D] against [Hkv, n, S, D]), so K/V are never materialised G times.
+
+Invariants: reads only the cache slots of blocks listed in a request's block table and masks every
+slot at or past its seq_len, so stale data in reused blocks never leaks in; the arithmetic
+matches `engine.reference.attention` op for op (scores = (q k^T) * scale, masked_fill -inf,
+softmax in float32, or float64 for float64 models), so float64 results agree to ~1e-15.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttentionMetadata, write_kv_to_cache
+
+# A group's padded score tensor holds at most this many elements per KV head (n * Q * G * S);
+# bigger prompt batches are split so the temporaries stay a few tens of MB.
+MAX_SCORE_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """Requests attended together: n requests, queries padded to Q, keys padded to S tokens."""
+
+    block_ids: torch.Tensor  # [n, M] int64: blocks to gather, first one first; S = M * bs
+    visible: torch.Tensor  # [n, Q * G, S] bool: query row (q, g) may see key slot s
+    # Packed-token index of each padded query slot [n * Q]; None when the group is the whole
+    # batch of one-token queries in packed order (the decode fast path: no gather/scatter).
+    query_index: torch.Tensor | None
+    valid_slots: torch.Tensor | None  # [T_group] int64: which of the n * Q slots are real
+    valid_tokens: torch.Tensor | None  # [T_group] int64: their packed-token indices
+    max_query_len: int  # Q
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    groups: tuple[_Group, ...]
+
+
+def _chunk_groups(
+    order: list[int], q_lens: list[int], k_lens: list[int], group: int
+) -> list[list[int]]:
+    """Splits requests (sorted by query length, longest first) into groups whose padded score
+    size stays under MAX_SCORE_ELEMENTS and whose query lengths are within 2x of the longest."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    q_max = s_max = 0
+    for i in order:
+        new_s = max(s_max, k_lens[i])
+        new_q = max(q_max, q_lens[i])
+        too_big = (len(current) + 1) * new_q * group * new_s > MAX_SCORE_ELEMENTS
+        too_ragged = q_lens[i] * 2 < q_max
+        if current and (too_big or too_ragged):
+            groups.append(current)
+            current, new_q, new_s = [], q_lens[i], k_lens[i]
+        current.append(i)
+        q_max, s_max = new_q, new_s
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build_plan(
+    meta: AttentionMetadata,
+    block_size: int,
+    group: int,
+    sliding_window: int | None,
+    device: torch.device,
+) -> _Plan:
+    """Everything the layers of one step share: groups, gather indices and masks."""
+    qsl = meta.query_start_loc_cpu
+    seq_lens = meta.seq_lens_cpu
+    num_requests = len(seq_lens)
+    q_lens = [qsl[i + 1] - qsl[i] for i in range(num_requests)]
+    # First block each request must read: with a window, the oldest key any of its queries sees.
+    first_block = [0] * num_requests
+    if sliding_window is not None:
+        first_block = [
+            max(0, seq_lens[i] - q_lens[i] - sliding_window + 1) // block_size
+            for i in range(num_requests)
+        ]
+    num_blocks = [-(-seq_lens[i] // block_size) - first_block[i] for i in range(num_requests)]
+    k_lens = [n * block_size for n in num_blocks]
+
+    block_table = meta.block_table.to("cpu", torch.int64)  # [B, max_blocks]
+    if all(q == 1 for q in q_lens):
+        members = [list(range(num_requests))]
+    else:
+        order = sorted(range(num_requests), key=lambda i: -q_lens[i])
+        members = _chunk_groups(order, q_lens, k_lens, group)
+
+    groups = []
+    for rows in members:
+        n = len(rows)
+        q_max = max(q_lens[i] for i in rows)
+        m_max = max(num_blocks[i] for i in rows)
+        rows_t = torch.tensor(rows, dtype=torch.int64)
+        first_t = torch.tensor([first_block[i] for i in rows], dtype=torch.int64)
+        seq_t = torch.tensor([seq_lens[i] for i in rows], dtype=torch.int64)
+        qlen_t = torch.tensor([q_lens[i] for i in rows], dtype=torch.int64)
+        qstart_t = torch.tensor([qsl[i] for i in rows], dtype=torch.int64)
+
+        # Logical block column of each gathered block, clamped to the request's last block so
+        # padding columns read a valid block (they are masked).
+        cols = first_t[:, None] + torch.arange(m_max)[None, :]  # [n, M]
+        last_col = (seq_t + block_size - 1) // block_size - 1
+        cols = torch.minimum(cols, last_col[:, None])
+        block_ids = block_table[rows_t[:, None], cols]  # [n, M]
+
+        # Positions: query slot j of request i sits at seq_len - q_len + j (pad slots repeat
+        # the last query, so every row has a visible key and no NaN appears even in padding).
+        slot = torch.arange(q_max)[None, :]  # [1, Q]
+        q_pos = seq_t[:, None] - qlen_t[:, None] + torch.minimum(slot, qlen_t[:, None] - 1)
+        k_pos = first_t[:, None] * block_size + torch.arange(m_max * block_size)[None, :]
+        visible = k_pos[:, None, :] <= q_pos[:, :, None]  # [n, Q, S]; also masks k_pos >= seq
+        if sliding_window is not None:
+            visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
+        visible = visible[:, :, None, :].expand(n, q_max, group, visible.shape[-1])
+        visible = visible.reshape(n, q_max * group, -1)
+
+        if q_max == 1 and rows == list(range(num_requests)):
+            query_index = valid_slots = valid_tokens = None
+        else:
+            token = qstart_t[:, None] + torch.minimum(slot, qlen_t[:, None] - 1)  # [n, Q]
+            real = (slot < qlen_t[:, None]).reshape(-1)  # [n * Q]
+            query_index = token.reshape(-1).to(device)
+            valid_slots = real.nonzero()[:, 0].to(device)
+            valid_tokens = token.reshape(-1)[real].to(device)
+        groups.append(
+            _Group(
+                block_ids=block_ids.to(device),
+                visible=visible.to(device),
+                query_index=query_index,
+                valid_slots=valid_slots,
+                valid_tokens=valid_tokens,
+                max_query_len=q_max,
+            )
+        )
+    return _Plan(groups=tuple(groups))
+
+
+def _attend_group(
+    q: torch.Tensor,  # [T, Hkv, G, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    grp: _Group,
+    scale: float,
+) -> torch.Tensor:  # [n, Q, Hkv, G, D] (a view; [n, Hkv, G, D] stays contiguous when Q == 1)
+    num_kv_heads, group, head_dim = q.shape[1:]
+    n, m_max = grp.block_ids.shape
+    q_max = grp.max_query_len
+    seq = m_max * k_cache.shape[1]
+    q_grp = q if grp.query_index is None else q.index_select(0, grp.query_index)
+    # [n * Q, Hkv, G, D] -> [n, Hkv, Q * G, D]: the G heads sharing a KV head are extra rows.
+    q_grp = q_grp.view(n, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
+    q_grp = q_grp.reshape(n, num_kv_heads, q_max * group, head_dim)
+    # One copy of whole blocks (contiguous runs of bs * Hkv * D elements); the [n, Hkv, S, D]
+    # operands are strided views of it, which the attention kernel reads in place.
+    flat_ids = grp.block_ids.reshape(-1)
+    k = k_cache.index_select(0, flat_ids).view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat_ids).view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q_grp, k, v, attn_mask=grp.visible[:, None], scale=scale
+    )  # [n, Hkv, Q * G, D]
+    return out.view(n, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
+
+
+class TorchNativeAttention:
+    """Implements `engine.attention.AttentionBackend`, vectorised over the batch."""
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        # The plan of the step in flight, keyed by (metadata object, block size, window): every
+        # layer of a step receives the same frozen AttentionMetadata object.
+        self._plan_meta: AttentionMetadata | None = None
+        self._plans: dict[tuple[int, int, int | None], _Plan] = {}
+
+    def write_kv(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        write_kv_to_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def plan(
+        self, meta: AttentionMetadata, block_size: int, group: int, sliding_window: int | None
+    ) -> _Plan:
+        if meta is not self._plan_meta:
+            self._plan_meta, self._plans = meta, {}
+        key = (block_size, group, sliding_window)
+        if key not in self._plans:
+            self._plans[key] = build_plan(
+                meta, block_size, group, sliding_window, meta.block_table.device
+            )
+        return self._plans[key]
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        num_tokens, num_q_heads, head_dim = q.shape
+        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        group = num_q_heads // num_kv_heads
+        plan = self.plan(meta, block_size, group, sliding_window)
+        q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
+        if len(plan.groups) == 1 and plan.groups[0].query_index is None:
+            out = _attend_group(q4, k_cache, v_cache, plan.groups[0], scale)
+            return out.reshape(num_tokens, num_q_heads, head_dim)
+        out = q.new_empty(num_tokens, num_kv_heads, group, head_dim)
+        for grp in plan.groups:
+            res = _attend_group(q4, k_cache, v_cache, grp, scale)
+            res = res.reshape(-1, num_kv_heads, group, head_dim)  # [n * Q, Hkv, G, D]
+            out.index_copy_(0, grp.valid_tokens, res.index_select(0, grp.valid_slots))
+        return out.view(num_tokens, num_q_heads, head_dim)

@@ -1,0 +1,78 @@
+"""`python -m engine.generate`: offline generation from the command line.
+
+With no --model it runs the embedded demo model (random weights: the text is noise, the
+machinery is real). Engine flags use vLLM's names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine import LLM, SamplingParams
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__)
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
+    p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = args.prompt or ["Once upon a time"]
+    try:
+        llm = LLM(
+            args.model,
+            dtype=args.dtype,
+            seed=args.seed,
+            max_model_len=args.max_model_len,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+        )
+        params = SamplingParams(
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_tokens=args.max_tokens,
+        )
+        if args.chat:
+            conversations = [[{"role": "user", "content": p}] for p in prompts]
+            outputs = llm.chat(conversations, params)
+        else:
+            outputs = llm.generate(prompts, params)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for prompt, out in zip(prompts, outputs, strict=True):
+        completion = out.outputs[0]
+        if args.json:
+            record = {
+                "prompt": prompt,
+                "text": completion.text,
+                "token_ids": completion.token_ids,
+                "finish_reason": completion.finish_reason,
+            }
+            print(json.dumps(record, ensure_ascii=False))
+        else:
+            print(f"--- prompt: {prompt!r}\n{completion.text!r} ({completion.finish_reason})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The Llama family (Llama incl. Llama-3 rope scaling, Mistral, Qwen2, Qwen3) over a paged KV cache.
+
+One module serves the four architectures; they differ only in config switches:
+
+    q/k/v bias        Qwen2 always; Llama and Qwen3 when config.attention_bias (o_proj too)
+    q/k RMSNorm       Qwen3 (per head, before RoPE)
+    sliding window    Mistral (config.sliding_window on every layer); Qwen2/3 per
+                      config.layer_types == "sliding_attention"
+
+The forward takes packed tokens (no padding, no batch dimension) and explicit attention metadata:
+
+    forward(input_ids [T], positions [T], kv_caches, meta) -> hidden [T, hidden_size]
+    compute_logits(hidden [N, hidden_size]) -> [N, vocab]
+
+Weights are stored fused (q/k/v in one `qkv_proj`, gate/up in one `gate_up_proj`) so that each
+layer runs two GEMMs fewer; `load_weights` maps Hugging Face tensor names onto the fused shards.
+
+Numerics follow transformers' implementation exactly where it matters for token-for-token
+agreement: RMSNorm normalises in float32 and casts back before the weight multiply, and RoPE's
+cos/sin are computed in float32 and then cast to the model dtype (also in float64 runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.kv_cache import LayerKVCache
+
+logger = logging.getLogger(__name__)
+
+# Tensors checkpoints carry that are not weights (buffers HF recomputes).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with weights left uninitialised until the loader fills them."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.weight = _empty_param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = _empty_param(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = _empty_param(dim, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers does: normalise in float32, cast back, then scale.
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to max_model_len, rotate-half convention."""
+
+    def __init__(
+        self,
+        hf_config: Any,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        inv_freq, scaling = _rope_inv_freq(hf_config, head_dim)  # [D / 2] float32
+        positions = torch.arange(max_len, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # [L, D / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
+        self.register_buffer("cos", (emb.cos() * scaling).to(dtype).to(device), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(dtype).to(device), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cos[positions], self.sin[positions]  # each [T, D]
+
+
+def _rope_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the attention scaling, as transformers computes them."""
+    params = dict(
+        getattr(hf_config, "rope_parameters", None)
+        or getattr(hf_config, "rope_scaling", None)
+        or {}
+    )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).to(torch.float32) / head_dim
+        return 1.0 / (theta**exponents), 1.0
+    if rope_type in ("linear", "llama3", "yarn"):
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        return inv_freq.to(torch.float32), float(scaling)
+    raise ValueError(
+        f"rope_scaling type {rope_type!r} is not supported; "
+        "supported: default, linear, llama3, yarn"
+    )
+
+
+def apply_rope(
+    x: torch.Tensor,  # [T, H, D]
+    cos: torch.Tensor,  # [T, D]
+    sin: torch.Tensor,  # [T, D]
+) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        architecture: str,
+        layer_idx: int,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        cfg = hf_config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.backend = backend
+        if architecture == "Qwen2ForCausalLM":
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(getattr(cfg, "attention_bias", False))
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, qkv_bias, dtype, device
+        )
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, o_bias, dtype, device)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if architecture == "Qwen3ForCausalLM":
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
+        self.sliding_window = _sliding_window(cfg, architecture, layer_idx)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, D]
+        sin: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        self.backend.write_kv(k, v, cache.k, cache.v, meta)
+        out = self.backend.forward(q, cache.k, cache.v, meta, self.scale, self.sliding_window)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+def _sliding_window(cfg: Any, architecture: str, layer_idx: int) -> int | None:
+    window = getattr(cfg, "sliding_window", None)
+    if window is None:
+        return None
+    if architecture == "MistralForCausalLM":
+        return int(window)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None and layer_types[layer_idx] == "sliding_attention":
+        return int(window)
+    return None
+
+
+class MLP(nn.Module):
+    def __init__(self, hf_config: Any, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        cfg = hf_config
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.hidden_act!r} is not supported (only silu)")
+        bias = bool(getattr(cfg, "mlp_bias", False))
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias, dtype, device)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        architecture: str,
+        layer_idx: int,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        eps = hf_config.rms_norm_eps
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
+        self.self_attn = Attention(hf_config, architecture, layer_idx, backend, dtype, device)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps, dtype, device)
+        self.mlp = MLP(hf_config, dtype, device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(
+        self,
+        hf_config: Any,
+        architecture: str,
+        backend: AttentionBackend,
+        max_model_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        cfg = hf_config
+        self.hf_config = cfg
+        self.architecture = architecture
+        self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.embed_tokens = nn.Embedding(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            device=device,
+            _freeze=True,
+            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
+        )
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, architecture, i, backend, dtype, device)
+            for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
+        head_dim = self.layers[0].self_attn.head_dim
+        self.rotary = RotaryEmbedding(cfg, head_dim, max_model_len, dtype, device)
+        self.lm_head: Linear | None = None
+        if not self.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[LayerKVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions)
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, cache, meta)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    # ---- loading ---------------------------------------------------------------------------
+
+    def _weight_targets(self) -> dict[str, tuple[str, int, int]]:
+        """HF tensor name -> (our parameter name, row offset, row count) for every weight."""
+        targets: dict[str, tuple[str, int, int]] = {}
+        params = dict(self.named_parameters())
+        for name, param in params.items():
+            hf = "lm_head.weight" if name == "lm_head.weight" else f"model.{name}"
+            targets[hf] = (name, 0, param.shape[0])
+        for i, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            prefix = f"layers.{i}"
+            for suffix in ("weight", "bias"):
+                fused = f"{prefix}.self_attn.qkv_proj.{suffix}"
+                if fused in params:
+                    del targets[f"model.{fused}"]
+                    q, kv = attn.q_size, attn.kv_size
+                    for shard, offset, size in (("q", 0, q), ("k", q, kv), ("v", q + kv, kv)):
+                        targets[f"model.{prefix}.self_attn.{shard}_proj.{suffix}"] = (
+                            fused,
+                            offset,
+                            size,
+                        )
+                fused = f"{prefix}.mlp.gate_up_proj.{suffix}"
+                if fused in params:
+                    del targets[f"model.{fused}"]
+                    inter = mlp.intermediate_size
+                    targets[f"model.{prefix}.mlp.gate_proj.{suffix}"] = (fused, 0, inter)
+                    targets[f"model.{prefix}.mlp.up_proj.{suffix}"] = (fused, inter, inter)
+        return targets
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors into the (fused) parameters.
+
+        Raises ValueError for a tensor of the wrong shape and for any weight the checkpoint
+        lacks; tensors the model does not use are logged and skipped.
+        """
+        targets = self._weight_targets()
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for hf_name, tensor in weights:
+            if hf_name.endswith(_IGNORED_SUFFIXES):
+                continue
+            if hf_name == "lm_head.weight" and self.tie_word_embeddings:
+                continue  # tied: the embedding serves as the head
+            target = targets.get(hf_name)
+            if target is None:
+                logger.warning("checkpoint tensor %s is not used by the model", hf_name)
+                continue
+            name, offset, rows = target
+            param = params[name]
+            expected = (rows, *param.shape[1:])
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                    f"expected {expected}"
+                )
+            param.data[offset : offset + rows].copy_(tensor)
+            loaded.add(hf_name)
+        missing = sorted(set(targets) - loaded)
+        if missing:
+            shown = ", ".join(missing[:8]) + (
+                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            )
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")

@@ -1,0 +1,34 @@
+"""Maps `config.architectures` to the engine's model classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# architecture name in config.json -> (module, class); every Llama-like family shares llama.py.
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+}
+
+SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)
+
+
+def resolve_architecture(hf_config: Any) -> str:
+    """The first supported name in config.architectures, or a ValueError listing them."""
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in _MODELS:
+            return name
+    raise ValueError(
+        f"unsupported architecture {names or '(config.json names none)'}; supported: "
+        f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def get_model_class(architecture: str) -> type:
+    import importlib
+
+    module_name, class_name = _MODELS[architecture]
+    return getattr(importlib.import_module(module_name), class_name)

@@ -1,0 +1,200 @@
+"""The model runner: SchedulerOutput -> packed inputs + AttentionMetadata -> forward -> samples.
+
+`prepare_inputs` is a pure function of the scheduler's output, so the metadata of any step can be
+built and inspected in a test without a model. The forward runs once per step over all scheduled
+tokens packed together; logits are computed only where they are needed: at the last token of
+requests that sample, and, for a request that asked for prompt logprobs, at every prompt position
+of the chunk whose next prompt token still lacks its logprob entry.
+
+Prompt logprobs: the logits at position p give the logprob of prompt token p + 1, so a chunk
+computing positions [start, end) yields the entries of tokens start + 1 ... min(end, P - 1)
+(P prompt tokens; token 0 has none). A chunk may only start where the recorded entries end
+(`Request.add_prompt_logprobs` checks it); a recompute after preemption skips the tokens that
+already have entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.attention import AttentionMetadata
+from engine.kv_cache import LayerKVCache
+from engine.logprobs import logprob_entries
+from engine.request import PromptLogprobs
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
+
+# Prompt-logprob logits are computed this many positions at a time, so that a long prompt chunk
+# never holds a [chunk, vocab] tensor at once.
+_PROMPT_LOGITS_ROWS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class PromptLogprobsSpan:
+    """One request's prompt positions whose logits this step turns into prompt logprobs."""
+
+    request_id: str
+    first_token_index: int  # the prompt token the first row's entry is for
+    num_rows: int
+    num_top: int  # the request's prompt_logprobs
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # [S] int64: rows of the hidden states that sample
+    sampling_request_ids: tuple[str, ...]  # [S]
+    sampling_rows: tuple[SamplingRow, ...]  # [S]
+    prompt_logits_indices: torch.Tensor  # [M] int64: rows whose logits give prompt logprobs
+    prompt_logprob_token_ids: torch.Tensor  # [M] int64: the prompt token each row reports
+    prompt_logprob_spans: tuple[PromptLogprobsSpan, ...]  # consecutive runs of the M rows
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerOutput:
+    sampled: dict[str, SampledToken]  # request id -> its new token
+    # request id -> (index of the first prompt token covered, entries from there on)
+    prompt_logprobs: dict[str, tuple[int, PromptLogprobs]] = field(default_factory=dict)
+
+
+def prepare_inputs(
+    scheduled: tuple[ScheduledRequest, ...] | list[ScheduledRequest],
+    block_size: int,
+    device: torch.device,
+) -> ModelInputs:
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    query_start_loc = [0]
+    seq_lens: list[int] = []
+    logits_indices: list[int] = []
+    sampling_ids: list[str] = []
+    sampling_rows: list[SamplingRow] = []
+    prompt_indices: list[int] = []
+    prompt_targets: list[int] = []
+    prompt_spans: list[PromptLogprobsSpan] = []
+    max_blocks = max((len(s.block_ids) for s in scheduled), default=0)
+    block_table = torch.zeros(len(scheduled), max(max_blocks, 1), dtype=torch.int32)
+
+    for i, item in enumerate(scheduled):
+        request = item.request
+        start, end = item.num_computed_tokens, item.seq_len
+        first_row = query_start_loc[-1]
+        input_ids += request.token_ids_range(start, end)
+        positions += range(start, end)
+        slot_mapping += (
+            item.block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)
+        )
+        query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
+        seq_lens.append(end)
+        block_table[i, : len(item.block_ids)] = torch.tensor(item.block_ids, dtype=torch.int32)
+        if request.needs_prompt_logprobs:
+            assert request.prompt_logprobs is not None
+            # Positions p whose logits give the logprob of prompt token p + 1, starting at the
+            # first token without an entry (an earlier start is a recompute; a later one is
+            # reported by Request.add_prompt_logprobs).
+            lo = max(start, len(request.prompt_logprobs) - 1)
+            hi = min(end, request.num_prompt_tokens - 1)
+            if lo < hi:
+                prompt_indices += range(first_row + lo - start, first_row + hi - start)
+                prompt_targets += request.prompt_token_ids[lo + 1 : hi + 1]
+                num_top = request.sampling_params.prompt_logprobs or 0
+                prompt_spans.append(
+                    PromptLogprobsSpan(request.request_id, lo + 1, hi - lo, num_top)
+                )
+        if item.sample:
+            logits_indices.append(query_start_loc[-1] - 1)
+            sampling_ids.append(request.request_id)
+            sampling_rows.append(
+                SamplingRow(
+                    params=request.sampling_params,
+                    sampling_seed=request.sampling_seed,
+                    output_position=request.num_output_tokens,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                    eos_token_ids=request.eos_token_ids,
+                    bad_words_token_ids=request.bad_words_token_ids,
+                )
+            )
+
+    def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        query_start_loc=tensor(query_start_loc, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        slot_mapping=tensor(slot_mapping, torch.int64),
+        block_table=block_table.to(device),
+        max_query_len=max((s.num_new_tokens for s in scheduled), default=0),
+        max_seq_len=max(seq_lens, default=0),
+        block_size=block_size,
+        query_start_loc_cpu=tuple(query_start_loc),
+        seq_lens_cpu=tuple(seq_lens),
+    )
+    return ModelInputs(
+        input_ids=tensor(input_ids, torch.int64),
+        positions=tensor(positions, torch.int64),
+        meta=meta,
+        logits_indices=tensor(logits_indices, torch.int64),
+        sampling_request_ids=tuple(sampling_ids),
+        sampling_rows=tuple(sampling_rows),
+        prompt_logits_indices=tensor(prompt_indices, torch.int64),
+        prompt_logprob_token_ids=tensor(prompt_targets, torch.int64),
+        prompt_logprob_spans=tuple(prompt_spans),
+    )
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[LayerKVCache],
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = device
+        self.sampler = Sampler()
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        inputs = prepare_inputs(output.scheduled, self.block_size, self.device)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        sampled: dict[str, SampledToken] = {}
+        if inputs.sampling_rows:
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
+            samples = self.sampler(logits, inputs.sampling_rows)
+            sampled = dict(zip(inputs.sampling_request_ids, samples, strict=True))
+        return RunnerOutput(sampled, self._prompt_logprobs(hidden, inputs))
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, inputs: ModelInputs
+    ) -> dict[str, tuple[int, PromptLogprobs]]:
+        if not inputs.prompt_logprob_spans:
+            return {}
+        num_top = [s.num_top for s in inputs.prompt_logprob_spans for _ in range(s.num_rows)]
+        entries: list[dict] = []
+        for lo in range(0, len(num_top), _PROMPT_LOGITS_ROWS):
+            hi = min(lo + _PROMPT_LOGITS_ROWS, len(num_top))
+            logits = self.model.compute_logits(hidden[inputs.prompt_logits_indices[lo:hi]])
+            logprobs = torch.log_softmax(logits.to(_logprob_dtype(logits.dtype)), dim=-1)
+            entries += logprob_entries(
+                logprobs, inputs.prompt_logprob_token_ids[lo:hi], num_top[lo:hi]
+            )  # [hi - lo, V] -> one dict per row
+        result: dict[str, tuple[int, PromptLogprobs]] = {}
+        row = 0
+        for span in inputs.prompt_logprob_spans:
+            result[span.request_id] = (span.first_token_index, entries[row : row + span.num_rows])
+            row += span.num_rows
+        return result
+
+
+def _logprob_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision logits are turned into logprobs in float32, as the sampler does."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

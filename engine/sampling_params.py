@@ -1,0 +1,276 @@
+"""SamplingParams: how one request picks its tokens and when it stops.
+
+Field names, ranges and meanings are OpenAI's and vLLM's. Every field is validated at
+construction and a bad value raises `ValueError` naming the field, so a bad request fails before
+it touches the engine. What needs the model (token ids inside the vocabulary, `logprobs` against
+the engine's `max_logprobs`) is checked by `validate_for_model`, which `LLMEngine.add_request`
+calls.
+
+Invariants: instances are frozen and hashable (lists become tuples, `logit_bias` a read-only
+`LogitBias` mapping with int keys); `temperature < 1e-5` means greedy (argmax of the processed
+logits), and then min-p / top-k / top-p are ignored; `top_k == -1` means no top-k cut (0 is
+rejected); `min_tokens <= max_tokens`. The order in which the sampler applies the fields is in
+`engine/sampler.py` and the README's "Sampling" section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Below this temperature sampling is treated as greedy; vLLM uses the same cut-off.
+_GREEDY_EPS = 1e-5
+_MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
+_MAX_ABS_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty
+
+
+class LogitBias(Mapping[int, float]):
+    """A read-only, hashable token id -> bias mapping (so SamplingParams stays hashable)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[int, float]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: int) -> float:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return f"LogitBias({self._items!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request sampling and stopping controls (vLLM's names and defaults).
+
+    n: number of independent samples (completions) for the prompt.
+    temperature: 0 is greedy; higher flattens the distribution.
+    top_p: keep the most likely tokens whose probabilities sum to top_p (the smallest such set;
+        tokens tied with the last one kept are kept too); in (0, 1].
+    top_k: keep the k most likely tokens (and any tied with the k-th); -1 keeps all.
+    min_p: drop tokens whose probability is below min_p times the most likely one's; in [0, 1].
+    seed: per-request seed; the same seed gives the same tokens whatever else is in the batch.
+    presence_penalty: subtracted from the logit of every token that occurs in the output so far;
+        in [-2, 2].
+    frequency_penalty: subtracted once per occurrence in the output so far; in [-2, 2].
+    repetition_penalty: for tokens in the prompt or the output so far, positive logits are
+        divided by it and negative ones multiplied (HF / CTRL); > 0, 1 disables.
+    logit_bias: token id -> value added to its logit, in [-100, 100]. JSON's string keys are
+        accepted and converted to int.
+    min_tokens: the end-of-sequence and stop_token_ids tokens cannot be sampled, and stop strings
+        do not match, before this many tokens are generated.
+    max_tokens: the most tokens to generate (None: up to max_model_len).
+    stop: strings that end generation when they appear in the output text; the text ends before
+        the stop string unless include_stop_str_in_output.
+    stop_token_ids: token ids that end generation (the token is kept in token_ids).
+    include_stop_str_in_output: keep the matched stop string at the end of the text.
+    ignore_eos: keep generating after the model's end-of-sequence tokens.
+    logprobs: number of top logprobs to return beside each sampled token (None: none; 0: only
+        the sampled token's). Logprobs are those of the raw model distribution (before any
+        processing, temperature or truncation), as vLLM returns by default.
+    prompt_logprobs: the same for every prompt token (the first prompt token has none).
+    skip_special_tokens: drop special tokens from the output text.
+    spaces_between_special_tokens: join kept special tokens to the text with spaces (slow
+        tokenizers only, as in vLLM).
+    allowed_token_ids: if given, only these token ids can be sampled.
+    bad_words: words that must not be generated: a word's last token is banned whenever the
+        output so far ends with the word's other tokens (with and without a leading space).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: LogitBias | None = None  # input: any Mapping[int | str, float]
+    min_tokens: int = 0
+    max_tokens: int | None = 16
+    stop: tuple[str, ...] = field(default_factory=tuple)  # input: str, list of str or None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # input: list or None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    allowed_token_ids: tuple[int, ...] | None = None  # input: a non-empty list of ids
+    bad_words: tuple[str, ...] | None = None  # input: a list of str
+
+    def __post_init__(self) -> None:
+        _check_int("n", self.n, minimum=1)
+        _check_number("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        _check_number("top_p", self.top_p)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        _check_int("top_k", self.top_k)
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or at least 1, got {self.top_k}")
+        _check_number("min_p", self.min_p)
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None:
+            _check_int("seed", self.seed)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not -_MAX_ABS_PENALTY <= value <= _MAX_ABS_PENALTY:
+                raise ValueError(f"{name} must be in [-2, 2], got {value}")
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}"
+            )
+        object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
+        _check_int("min_tokens", self.min_tokens, minimum=0)
+        if self.max_tokens is not None:
+            _check_int("max_tokens", self.max_tokens, minimum=1)
+            if self.min_tokens > self.max_tokens:
+                raise ValueError(
+                    f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+                )
+        object.__setattr__(self, "stop", _normalize_strings("stop", self.stop, allow_str=True))
+        object.__setattr__(
+            self, "stop_token_ids", _normalize_ids("stop_token_ids", self.stop_token_ids) or ()
+        )
+        for name in (
+            "include_stop_str_in_output",
+            "ignore_eos",
+            "skip_special_tokens",
+            "spaces_between_special_tokens",
+        ):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=0)
+        if self.allowed_token_ids is not None:
+            ids = _normalize_ids("allowed_token_ids", self.allowed_token_ids)
+            if not ids:
+                raise ValueError("allowed_token_ids must not be empty")
+            object.__setattr__(self, "allowed_token_ids", ids)
+        if self.bad_words is not None:
+            words = _normalize_strings("bad_words", self.bad_words, allow_str=False)
+            object.__setattr__(self, "bad_words", words)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def replace(self, **changes: Any) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+    def validate_for_model(self, vocab_size: int, max_logprobs: int) -> None:
+        """The checks that need the model: token ids inside [0, vocab_size) and logprob counts
+        within the engine's max_logprobs. Raises ValueError naming the field."""
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > max_logprobs:
+                raise ValueError(
+                    f"{name}: requested {value}, the most allowed is max_logprobs={max_logprobs}"
+                )
+        for name, ids in (
+            ("stop_token_ids", self.stop_token_ids),
+            ("allowed_token_ids", self.allowed_token_ids or ()),
+            ("logit_bias", tuple(self.logit_bias or ())),
+        ):
+            for token_id in ids:
+                if token_id >= vocab_size:
+                    raise ValueError(
+                        f"{name}: token id {token_id} is outside the vocabulary [0, {vocab_size})"
+                    )
+
+
+def tokenize_bad_words(
+    bad_words: Sequence[str] | None, tokenizer: Any
+) -> tuple[tuple[int, ...], ...]:
+    """Token-id sequences of the bad words, each as it reads at the start of the text and after
+    a space (the two ways a byte-level or SentencePiece tokenizer spells a word)."""
+    sequences: list[tuple[int, ...]] = []
+    for word in bad_words or ():
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return tuple(sequences)
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def _normalize_ids(name: str, ids: Any) -> tuple[int, ...] | None:
+    if ids is None:
+        return None
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r}")
+    for token_id in ids:
+        _check_int(name, token_id, minimum=0)
+    return tuple(ids)
+
+
+def _normalize_strings(name: str, values: Any, allow_str: bool) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if isinstance(values, str):
+        if not allow_str:
+            raise ValueError(f"{name} must be a list of strings, got a string {values!r}")
+        values = (values,)
+    if not isinstance(values, Sequence):
+        raise ValueError(f"{name} must be a list of strings, got {values!r}")
+    for value in values:
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{name} must contain non-empty strings, got {value!r}")
+    return tuple(values)
+
+
+def _normalize_logit_bias(bias: Any) -> LogitBias | None:
+    if bias is None:
+        return None
+    if isinstance(bias, LogitBias):
+        return bias
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {bias!r}")
+    items: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            # OpenAI's JSON has string keys ("50256"); ints and their string forms are accepted.
+            if isinstance(key, bool) or not isinstance(key, (int, str)):
+                raise TypeError
+            token_id = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}") from None
+        if token_id < 0:
+            raise ValueError(f"logit_bias: token id {token_id} is negative")
+        _check_number("logit_bias", value)
+        if not -_MAX_ABS_LOGIT_BIAS <= value <= _MAX_ABS_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {value} for {key}")
+        items[token_id] = float(value)
+    return LogitBias(items)

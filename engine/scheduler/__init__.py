@@ -1,0 +1,1 @@
+"""Scheduling: the types every scheduler shares (`interface`), and the production scheduler."""

@@ -1,0 +1,101 @@
+"""What a scheduler hands the model runner each step, and the protocol every scheduler follows.
+
+A step: `schedule()` picks, for each request it runs, how many of its not-yet-computed tokens to
+compute now and which blocks hold its context; the runner computes them and samples one token for
+each request whose computed tokens then reach its total; `update_from_output()` applies the samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from engine.request import Logprob, Request, RequestStatus
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The step computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) of
+    request.all_token_ids; `sample` is true when that reaches the request's last token, so the
+    step's logits at the last new token give its next token.
+    """
+
+    request: Request
+    num_computed_tokens: int
+    num_new_tokens: int
+    block_ids: tuple[int, ...]  # the request's whole block table, in order
+    sample: bool
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_computed_tokens + self.num_new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    scheduled: tuple[ScheduledRequest, ...]
+    preempted_request_ids: tuple[str, ...] = ()
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True, slots=True)
+class SampledToken:
+    """The sampler's result for one request."""
+
+    token_id: int
+    logprob: float  # of the raw distribution (before temperature / top-k / top-p)
+    top_logprobs: dict[int, Logprob] | None = field(default=None)  # sampled token first
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A snapshot of the scheduler's gauges and counters (totals count since start-up)."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of blocks in use, 0..1
+    num_preemptions_total: int = 0
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, tokens found cached
+
+
+class Scheduler(Protocol):
+    def add_request(self, request: Request) -> None: ...
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        """Ends the requests with `status` (an abort, or a stop string the engine found) and
+        frees their blocks at once; returns those that existed. Unknown ids are ignored."""
+        ...
+
+    def schedule(self) -> SchedulerOutput: ...
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, SampledToken]
+    ) -> list[Request]:
+        """Advances computed tokens, appends samples, finishes stopped requests; returns the
+        requests that received a token (finished ones included)."""
+        ...
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> SchedulerStats: ...
+
+    @property
+    def num_running(self) -> int: ...
+
+    @property
+    def num_waiting(self) -> int: ...
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks in use, 0..1."""
+        ...

@@ -1,0 +1,189 @@
+"""The production scheduler: token-budget continuous batching with chunked prefill, automatic
+prefix caching and preemption by recompute.
+
+Every request has `num_computed_tokens` catching up to `num_tokens`; a step gives each scheduled
+request some of the gap. There is no separate prefill or decode phase: a fresh prompt, a chunk of
+a long prompt, a prefix-cache hit and a decode differ only in where `num_computed_tokens` starts
+and how far the step moves it.
+
+Each step:
+1. Running requests, in admission order, each get min(gap, remaining budget) tokens (plus their
+   speculative tokens, when speculation is on). If the pool cannot hold them, the most recently
+   admitted running request is preempted (blocks freed, computed tokens forgotten, put back at
+   the front of the queue), until the request fits or is itself the one preempted.
+2. If nothing was preempted, waiting requests are admitted first come first served while the
+   request cap, the budget and the pool allow: each takes its longest cached prefix, then as many
+   of its remaining tokens as the budget allows (all of them when chunked prefill is off; then a
+   prompt larger than the remaining budget waits for the next step).
+
+Invariants: per step, the tokens scheduled <= max_num_batched_tokens and the requests scheduled
+<= max_num_seqs; a running request's block table covers its computed tokens; a request whose
+tokens can never fit the whole pool is rejected when added (see `check_fits`), so preemption
+always ends: the oldest running request always fits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.request import Request, RequestStatus
+from engine.scheduler.interface import (
+    SampledToken,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from engine.scheduler.kv_cache_manager import KVCacheManager
+
+
+class DefaultScheduler:
+    """Implements `engine.scheduler.interface.Scheduler`."""
+
+    def __init__(self, config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        self.config = config
+        self.block_size = cache_config.block_size
+        self.kv = KVCacheManager(
+            cache_config.num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> list[Request]:
+        found = [self.requests[i] for i in request_ids if i in self.requests]
+        for request in found:
+            self._finish(request, status)
+        return found
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv.usage
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv.usage,
+            num_preemptions_total=self.num_preemptions,
+            prefix_cache_queries_total=self.kv.prefix_cache_queries,
+            prefix_cache_hits_total=self.kv.prefix_cache_hits,
+        )
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        # 1. Running requests, oldest first.
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status is not RequestStatus.RUNNING:
+                break  # preempted itself: every newer request is preempted already
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+            index += 1
+
+        # 2. Waiting requests, first come first served.
+        while (
+            not preempted
+            and self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            hits = self.kv.get_computed_blocks(request) if request.num_computed_tokens == 0 else []
+            num_cached = len(hits) * self.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            request.num_computed_tokens = num_cached
+            if not self.kv.allocate_slots(request, num_new, hits):
+                request.num_computed_tokens = 0
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        return SchedulerOutput(scheduled=tuple(scheduled), preempted_request_ids=tuple(preempted))
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(
+            request=request,
+            num_computed_tokens=request.num_computed_tokens,
+            num_new_tokens=num_new,
+            block_ids=self.kv.block_ids(request.request_id),
+            sample=request.num_computed_tokens + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, SampledToken]
+    ) -> list[Request]:
+        updated: list[Request] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.is_finished:
+                continue
+            request.num_computed_tokens = item.seq_len
+            if not item.sample:
+                continue
+            sample = sampled[request.request_id]
+            request.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
+            stop = request.check_stop()
+            if stop is not None:
+                self._finish(request, stop)
+            updated.append(request)
+        return updated
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)

@@ -1,0 +1,202 @@
+"""`python -m engine.server`: the OpenAI-compatible HTTP server.
+
+Flags use `vllm serve`'s names. With no --model it serves the embedded demo model (random
+weights: its text is noise; the server machinery is real). Engine flags map by name onto
+`EngineArgs` fields; a flag whose field this engine version lacks is accepted and ignored with a
+warning, so scripts written for a newer version still start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import re
+import sys
+from typing import Any
+
+from engine.config import EngineArgs
+from engine.server.app import OpenAIServer, ServerConfig, bind_socket
+
+logger = logging.getLogger("engine.server")
+
+# argparse dest -> EngineArgs field (same name); passed only when the flag was given.
+ENGINE_FLAGS = (
+    "model",
+    "tokenizer",
+    "revision",
+    "trust_remote_code",
+    "dtype",
+    "device",
+    "seed",
+    "max_model_len",
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+    "kv_cache_memory_bytes",
+    "gpu_memory_utilization",
+    "num_gpu_blocks_override",
+    "attention_backend",
+    "max_logprobs",
+    "scheduler",
+)
+DEMO_MODEL_NAME = "demo"
+API_KEY_ENV = ("ENGINE_API_KEY", "VLLM_API_KEY")
+
+_SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '1GiB', '512M', '2g' -> bytes (binary units for k/m/g/t, with or without i)."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 2147483648 or 2GiB)")
+    number, unit, _ = match.groups()
+    scale = 1024 ** ("kmgt".index(unit.lower()) + 1) if unit else 1
+    return int(float(number) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.server", description=__doc__.split("\n\n")[0]
+    )
+    model = p.add_argument_group("model and engine (vLLM's flags)")
+    model.add_argument("--model", default=None, help="checkpoint directory (default: demo model)")
+    model.add_argument("--tokenizer", default=None)
+    model.add_argument("--revision", default=None)
+    model.add_argument("--trust-remote-code", action="store_true", default=None)
+    model.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="name(s) the API answers to (default: --model, or 'demo')",
+    )
+    model.add_argument("--dtype", default=None)
+    model.add_argument("--device", default=None)
+    model.add_argument("--seed", type=int, default=None)
+    model.add_argument("--max-model-len", type=int, default=None)
+    model.add_argument("--block-size", type=int, default=None)
+    model.add_argument("--max-num-seqs", type=int, default=None)
+    model.add_argument("--max-num-batched-tokens", type=int, default=None)
+    model.add_argument(
+        "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None
+    )
+    model.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None)
+    model.add_argument("--gpu-memory-utilization", type=float, default=None)
+    model.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    model.add_argument("--attention-backend", default=None)
+    model.add_argument("--max-logprobs", type=int, default=None)
+    model.add_argument("--scheduler", default=None)
+
+    server = p.add_argument_group("server")
+    server.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)",
+    )
+    server.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV[0]})",
+    )
+    server.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=1024,
+        help="requests waiting for their first token before new ones get 503 (0: unbounded)",
+    )
+    server.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template, or the path of a file holding one",
+    )
+    server.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    )
+    server.add_argument("--disable-log-stats", action="store_true")
+    server.add_argument(
+        "--log-stats-interval",
+        type=float,
+        default=5.0,
+        help="seconds between throughput log lines while busy",
+    )
+    server.add_argument(
+        "--disable-access-log",
+        "--disable-uvicorn-access-log",
+        dest="disable_access_log",
+        action="store_true",
+    )
+    return p
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    kwargs: dict[str, Any] = {}
+    for name in ENGINE_FLAGS:
+        value = getattr(ns, name)
+        if value is None:
+            continue
+        if name in fields:
+            kwargs[name] = value
+        else:
+            logger.warning(
+                "--%s is ignored: this engine version has no such setting", name.replace("_", "-")
+            )
+    if kwargs.get("model") is None:
+        from engine.demo import demo_model_path
+
+        kwargs["model"] = str(demo_model_path())
+    return EngineArgs(**kwargs)
+
+
+def server_config_from(ns: argparse.Namespace) -> ServerConfig:
+    names = tuple(ns.served_model_name or (ns.model or DEMO_MODEL_NAME,))
+    api_key = ns.api_key
+    if api_key is None:
+        api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
+    chat_template = ns.chat_template
+    if chat_template is not None and os.path.isfile(chat_template):
+        with open(chat_template, encoding="utf-8") as f:
+            chat_template = f.read()
+    return ServerConfig(
+        host=ns.host,
+        port=ns.port,
+        served_model_names=names,
+        api_key=api_key,
+        max_waiting_requests=ns.max_waiting_requests or None,
+        log_stats_interval=None if ns.disable_log_stats else ns.log_stats_interval,
+        shutdown_timeout=ns.shutdown_timeout,
+        chat_template=chat_template,
+        access_log=not ns.disable_access_log,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        config = server_config_from(ns)
+        args = engine_args_from(ns)
+        from engine.engine import LLMEngine
+
+        server = OpenAIServer(LLMEngine(args), config)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        sock = bind_socket(config.host, config.port)
+    except OSError as e:
+        print(f"error: cannot listen on {config.host}:{config.port}: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(server.serve(sock, handle_signals=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Checkpoint loading: sharded == single file; dtypes; KV cache sizing and its start-up log."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.models.loader import INDEX_FILE, checkpoint_files
+
+
+def test_sharded_checkpoint_gives_the_same_outputs(checkpoints, llama_path):
+    sharded = checkpoints("llama-sharded", "LlamaForCausalLM", max_shard_size="40KB")
+    assert (sharded / INDEX_FILE).is_file()
+    assert len(checkpoint_files(sharded)) > 2
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [[5, 6, 7, 8], [9] * 20]
+    single = LLM(str(llama_path), dtype="float64").generate(prompts, params, use_tqdm=False)
+    multi = LLM(str(sharded), dtype="float64").generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in multi] == [o.outputs[0].token_ids for o in single]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [
+        ("auto", torch.float32),
+        ("float32", torch.float32),
+        ("float16", torch.float16),
+        ("bfloat16", torch.bfloat16),
+        ("float64", torch.float64),
+    ],
+)
+def test_dtypes(llama_path, dtype, expected):
+    llm = LLM(str(llama_path), dtype=dtype, kv_cache_memory_bytes=2**20)
+    engine = llm.llm_engine
+    assert engine.model_config.dtype == expected
+    assert all(p.dtype == expected for p in engine.model.parameters())
+    assert engine.runner.kv_caches[0].k.dtype == expected
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_kv_cache_shape_and_startup_log(llama_path, caplog):
+    with caplog.at_level(logging.INFO, logger="engine"):
+        llm = LLM(str(llama_path), block_size=8, max_model_len=128, num_gpu_blocks_override=40)
+    engine = llm.llm_engine
+    cache = engine.runner.kv_caches
+    cfg = engine.model_config
+    assert len(cache) == cfg.num_layers
+    assert cache[0].k.shape == (40, 8, cfg.num_kv_heads, cfg.head_dim)
+    assert cache[0].v.shape == cache[0].k.shape
+    text = caplog.text
+    assert "40 blocks of 8 tokens" in text and "320 token slots" in text
+    assert "max concurrency at max_model_len=128: 2.50x" in text
+
+
+def test_block_count_from_memory_budget(llama_path):
+    llm = LLM(str(llama_path), block_size=16, kv_cache_memory_bytes=2**20)
+    cfg = llm.llm_engine.model_config
+    per_block = 2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # fp32
+    assert llm.llm_engine.cache_config.num_blocks == 2**20 // per_block
