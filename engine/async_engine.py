@@ -447,6 +447,8 @@ class AsyncEngine:
         for out in outputs:
             if out.finished:
                 self._live_ids.discard(out.request_id)
+        # Before the outputs leave: a client that saw its request finish then sees it in /metrics.
+        self._stats = self.engine.get_stats()
         if outputs:
             self._post(self._dispatch, outputs, stamp)
         return bool(outputs)
@@ -456,6 +458,10 @@ async def merge_streams(
     streams: Sequence[RequestStream],
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Yields (stream index, output) from several streams as outputs arrive, until all end."""
+    if len(streams) == 1:  # the common case: no task per output
+        async for out in streams[0]:
+            yield 0, out
+        return
     pending: dict[asyncio.Task[RequestOutput], int] = {}
 
     def follow(index: int) -> None:

@@ -94,3 +94,50 @@ def write_kv_to_cache(
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def pack_sequences(
+    sequences: list[tuple[list[int], int, tuple[int, ...]]],
+    block_size: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    """Packs (new token ids, position of the first one, block table) per request into one
+    step's inputs: input_ids [T], positions [T] and the AttentionMetadata.
+
+    Each request's new tokens sit at positions start ... start + len - 1, after `start` tokens
+    whose K/V are already in its blocks; its block table must cover every new position.
+    """
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slot_mapping: list[int] = []
+    query_start_loc = [0]
+    seq_lens: list[int] = []
+    width = max((len(blocks) for _, _, blocks in sequences), default=0)
+    block_table = torch.zeros(len(sequences), max(width, 1), dtype=torch.int32)
+    for i, (token_ids, start, blocks) in enumerate(sequences):
+        end = start + len(token_ids)
+        input_ids += token_ids
+        positions += range(start, end)
+        slot_mapping += (
+            blocks[p // block_size] * block_size + p % block_size for p in range(start, end)
+        )
+        query_start_loc.append(query_start_loc[-1] + len(token_ids))
+        seq_lens.append(end)
+        if blocks:
+            block_table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+
+    def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        query_start_loc=tensor(query_start_loc, torch.int32),
+        seq_lens=tensor(seq_lens, torch.int32),
+        slot_mapping=tensor(slot_mapping, torch.int64),
+        block_table=block_table.to(device),
+        max_query_len=max((len(t) for t, _, _ in sequences), default=0),
+        max_seq_len=max(seq_lens, default=0),
+        block_size=block_size,
+        query_start_loc_cpu=tuple(query_start_loc),
+        seq_lens_cpu=tuple(seq_lens),
+    )
+    return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta

@@ -99,6 +99,85 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    """Speculative decoding, in vLLM's shape:
+
+    {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b}
+    {"method": "draft_model", "model": PATH, "num_speculative_tokens": k}
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_min: int = 1
+    prompt_lookup_max: int = 3
+    model: str | None = None  # the draft checkpoint (method "draft_model")
+
+    @classmethod
+    def from_value(cls, value: Any) -> SpeculativeConfig | None:
+        """Parses a dict, a JSON string (the CLI's --speculative-config) or a config."""
+        if value is None or isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            import json
+
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict, got {value!r}")
+        known = {
+            "method",
+            "num_speculative_tokens",
+            "prompt_lookup_min",
+            "prompt_lookup_max",
+            "model",
+        }
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"speculative_config: unknown field(s) {', '.join(unknown)}")
+        method = value.get("method")
+        if method is None and value.get("model"):
+            method = "draft_model"
+        if method not in SPEC_METHODS:
+            raise ValueError(
+                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, "
+                f"got {method!r}"
+            )
+        k = value.get("num_speculative_tokens")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(
+                f"speculative_config.num_speculative_tokens must be an integer >= 1, got {k!r}"
+            )
+        fields: dict[str, Any] = {"method": method, "num_speculative_tokens": k}
+        if method == "ngram":
+            lo = value.get("prompt_lookup_min")
+            hi = value.get("prompt_lookup_max")
+            lo, hi = (lo if lo is not None else hi), (hi if hi is not None else lo)
+            lo, hi = (lo if lo is not None else 1), (hi if hi is not None else 3)
+            for name, v in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ValueError(
+                        f"speculative_config.{name} must be an integer >= 1, got {v!r}"
+                    )
+            if lo > hi:
+                raise ValueError(
+                    f"speculative_config.prompt_lookup_min ({lo}) is larger than "
+                    f"prompt_lookup_max ({hi})"
+                )
+            fields.update(prompt_lookup_min=lo, prompt_lookup_max=hi)
+        else:
+            model = value.get("model")
+            if not model or not isinstance(model, str):
+                raise ValueError("speculative_config.model: the draft_model method needs a path")
+            fields["model"] = model
+        return cls(**fields)
+
+
 @dataclass(frozen=True, slots=True)
 class EngineArgs:
     """Everything a user can set, under vLLM's names. Defaults follow vLLM where it has one."""
@@ -124,6 +203,8 @@ class EngineArgs:
     # None: on for the default scheduler; the reference scheduler has neither.
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None
+    # dict / JSON string / SpeculativeConfig, parsed and validated at construction
+    speculative_config: Any = None
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -149,6 +230,10 @@ class EngineArgs:
             )
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        spec = SpeculativeConfig.from_value(self.speculative_config)
+        if spec is not None and self.scheduler == "reference":
+            raise ValueError("speculative_config: the reference scheduler does not speculate")
+        object.__setattr__(self, "speculative_config", spec)
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

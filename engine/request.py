@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -93,6 +94,10 @@ class Request:
     # One entry per prompt token computed so far (None for the first token, which has no
     # logprob); kept only by sample 0 of a request that asked for prompt_logprobs.
     prompt_logprobs: PromptLogprobs | None = None
+    # Speculative decoding: draft tokens proposed for the next step (not yet the request's
+    # tokens), and their draft distributions [len, V] when a draft model sampled them.
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_probs: Any = None
 
     def __post_init__(self) -> None:
         if self.sampling_params.logprobs is not None and self.logprobs is None:

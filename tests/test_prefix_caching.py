@@ -44,7 +44,7 @@ def free_order(kv: KVCacheManager) -> list[int]:
 def test_shared_prefix_reuses_the_same_block_ids():
     kv = KVCacheManager(num_blocks=10, block_size=BS, enable_caching=True)
     a = make_request("a", list(range(1, 11)))  # 2 full blocks + 2 tokens
-    b = make_request("b", list(range(1, 9)) + [50, 51, 52])  # same first 2 blocks
+    b = make_request("b", [*list(range(1, 9)), 50, 51, 52])  # same first 2 blocks
     assert admit(kv, a) == [0, 1, 2]
     assert admit(kv, b) == [0, 1, 3]
     assert [blk.ref_cnt for blk in kv.pool.blocks[:4]] == [2, 2, 1, 1]
@@ -72,7 +72,7 @@ def test_free_queue_order_and_lru_eviction():
     kv.free(b)
     assert free_order(kv) == [5, 2, 1, 0, 4, 3]
     # a hit takes a cached block out of the middle of the queue
-    c = make_request("c", list(range(20, 25)) + [99])  # b's first block + more
+    c = make_request("c", [*list(range(20, 25)), 99])  # b's first block + more
     assert admit(kv, c) == [3, 5]  # hit 3, then the first free block (5, never cached)
     assert free_order(kv) == [2, 1, 0, 4]
     # the next allocation evicts the least recently freed cached block: a's last block
@@ -117,7 +117,9 @@ def scheduler(num_blocks=8, budget=8, max_num_seqs=4, chunked=True, caching=True
             enable_chunked_prefill=chunked,
         ),
         CacheConfig(
-            block_size=BS, num_blocks=num_blocks, kv_cache_memory_bytes=0,
+            block_size=BS,
+            num_blocks=num_blocks,
+            kv_cache_memory_bytes=0,
             enable_prefix_caching=caching,
         ),
     )
@@ -140,7 +142,9 @@ def test_chunked_prefill_shares_steps_with_decodes():
         ("long", 5, False),
     ]
     out = step(s)  # the decode goes first, the prompt continues with what is left
-    assert [(x.request.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled] == [
+    assert [
+        (x.request.request_id, x.num_computed_tokens, x.num_new_tokens) for x in out.scheduled
+    ] == [
         ("short", 3, 1),
         ("long", 5, 7),
     ]
@@ -153,7 +157,10 @@ def test_without_chunking_a_prompt_waits_for_a_step_with_room():
     out = step(s)
     assert [x.request.request_id for x in out.scheduled] == ["a"]
     out = step(s)
-    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 20)]
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [
+        ("a", 1),
+        ("b", 20),
+    ]
 
 
 def test_preemption_takes_the_newest_and_requeues_it_first():

@@ -244,6 +244,18 @@ def test_completion_echo_logprobs(client, llm, max_tokens):
         assert choice.text == prompt and resp.usage.completion_tokens == 0
     else:
         assert choice.text == prompt + offline_out.outputs[0].text
+    # Streamed, the same text, tokens, logprobs and offsets arrive in pieces.
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, echo=True,
+            logprobs=1, stream=True,
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == lp.tokens
+    assert [x for c in chunks for x in c.choices[0].logprobs.token_logprobs] == lp.token_logprobs
+    assert [x for c in chunks for x in c.choices[0].logprobs.text_offset] == lp.text_offset
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
 
 
 # ---- chat -------------------------------------------------------------------------------------
@@ -567,3 +579,32 @@ def test_cli_serves_and_shuts_down_cleanly_on_sigterm(llama_path):
     reader.join(5)
     log = "".join(lines)
     assert "received SIGTERM" in log and "server stopped" in log
+
+
+def test_cli_flags_map_onto_engine_args(llama_path, monkeypatch, caplog):
+    from engine.server import __main__ as cli
+
+    ns = cli.build_parser().parse_args(
+        [
+            "--model", str(llama_path), "--max-num-batched-tokens", "512",
+            "--no-enable-prefix-caching", "--kv-cache-memory-bytes", "16MiB", "--block-size", "8",
+            "--served-model-name", "a", "b", "--max-waiting-requests", "0",
+        ]
+    )  # fmt: skip
+    args = cli.engine_args_from(ns)
+    assert args.model == str(llama_path) and args.block_size == 8
+    assert args.max_num_batched_tokens == 512 and args.enable_prefix_caching is False
+    assert args.kv_cache_memory_bytes == 16 * 2**20
+    assert args.max_model_len is None  # not given: EngineArgs' own default
+    monkeypatch.setenv("ENGINE_API_KEY", "from-env")
+    config = cli.server_config_from(ns)
+    assert config.served_model_names == ("a", "b") and config.api_key == "from-env"
+    assert config.max_waiting_requests is None  # 0: unbounded
+    # A flag whose EngineArgs field this engine version lacks: accepted, warned about, not passed.
+    monkeypatch.setattr(cli, "ENGINE_FLAGS", (*cli.ENGINE_FLAGS, "future_setting"))
+    ns.future_setting = 3
+    with caplog.at_level(logging.WARNING, logger="engine.server"):
+        assert cli.engine_args_from(ns) == args
+    assert "--future-setting is ignored" in caplog.text
+    assert cli.parse_bytes("2GiB") == 2 * 2**30 and cli.parse_bytes("1.5k") == 1536
+    assert cli.parse_bytes("512") == 512

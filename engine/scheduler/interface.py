@@ -18,15 +18,20 @@ class ScheduledRequest:
     """One request's share of a step.
 
     The step computes tokens [num_computed_tokens, num_computed_tokens + num_new_tokens) of
-    request.all_token_ids; `sample` is true when that reaches the request's last token, so the
-    step's logits at the last new token give its next token.
+    request.all_token_ids + spec_token_ids; `sample` is true when that reaches the request's last
+    token, so the step's logits at its last real token give its next token (and, with drafts,
+    the logits at each draft position verify it).
     """
 
     request: Request
     num_computed_tokens: int
-    num_new_tokens: int
+    num_new_tokens: int  # spec tokens included
     block_ids: tuple[int, ...]  # the request's whole block table, in order
     sample: bool
+    # Draft tokens verified in this step: the last len(spec_token_ids) of the new tokens, which
+    # are not the request's tokens yet. Logits at each of them and at the token before them are
+    # scored; the rejection sampler keeps a prefix and adds one token.
+    spec_token_ids: tuple[int, ...] = ()
 
     @property
     def seq_len(self) -> int:

@@ -100,7 +100,13 @@ class DefaultScheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            gap = request.num_tokens - request.num_computed_tokens
+            # Draft tokens ride along when the budget has room for them after the real ones.
+            num_new = min(
+                gap + len(request.spec_token_ids),
+                budget,
+                self.config.max_model_len - request.num_computed_tokens,
+            )
             if num_new <= 0:
                 index += 1
                 continue
@@ -112,7 +118,10 @@ class DefaultScheduler:
                     break
             if request.status is not RequestStatus.RUNNING:
                 break  # preempted itself: every newer request is preempted already
-            scheduled.append(self._scheduled(request, num_new))
+            num_spec = max(0, num_new - gap)
+            scheduled.append(
+                self._scheduled(request, num_new, tuple(request.spec_token_ids[:num_spec]))
+            )
             budget -= num_new
             index += 1
 
@@ -143,17 +152,22 @@ class DefaultScheduler:
 
         return SchedulerOutput(scheduled=tuple(scheduled), preempted_request_ids=tuple(preempted))
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _scheduled(
+        self, request: Request, num_new: int, spec: tuple[int, ...] = ()
+    ) -> ScheduledRequest:
         return ScheduledRequest(
             request=request,
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
             block_ids=self.kv.block_ids(request.request_id),
-            sample=request.num_computed_tokens + num_new == request.num_tokens,
+            sample=request.num_computed_tokens + num_new - len(spec) == request.num_tokens,
+            spec_token_ids=spec,
         )
 
     def _preempt(self, request: Request) -> None:
         self.kv.free(request)
+        request.spec_token_ids = []
+        request.spec_draft_probs = None
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -161,7 +175,7 @@ class DefaultScheduler:
         self.waiting.appendleft(request)
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, SampledToken]
+        self, output: SchedulerOutput, sampled: dict[str, SampledToken | list[SampledToken]]
     ) -> list[Request]:
         updated: list[Request] = []
         for item in output.scheduled:
@@ -171,11 +185,23 @@ class DefaultScheduler:
             request.num_computed_tokens = item.seq_len
             if not item.sample:
                 continue
-            sample = sampled[request.request_id]
-            request.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
-            stop = request.check_stop()
-            if stop is not None:
-                self._finish(request, stop)
+            samples = sampled[request.request_id]
+            if isinstance(samples, SampledToken):
+                samples = [samples]
+            # With drafts: the first len(samples) - 1 drafts were accepted, the rest rejected,
+            # and their K/V (past the accepted ones) no longer count as computed.
+            num_rejected = len(item.spec_token_ids) - (len(samples) - 1)
+            request.num_computed_tokens -= num_rejected
+            request.spec_token_ids = []
+            request.spec_draft_probs = None
+            for sample in samples:
+                request.append_token(sample.token_id, sample.logprob, sample.top_logprobs)
+                stop = request.check_stop()
+                if stop is not None:
+                    self._finish(request, stop)
+                    break
+            if num_rejected and not request.is_finished:
+                self.kv.trim(request, request.num_tokens)  # blocks only the rejected needed
             updated.append(request)
         return updated
 

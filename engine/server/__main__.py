@@ -36,6 +36,7 @@ ENGINE_FLAGS = (
     "max_num_seqs",
     "max_num_batched_tokens",
     "enable_prefix_caching",
+    "enable_chunked_prefill",
     "kv_cache_memory_bytes",
     "gpu_memory_utilization",
     "num_gpu_blocks_override",
@@ -84,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None
     )
-    model.add_argument("--kv-cache-memory-bytes", type=parse_bytes, default=None)
+    model.add_argument(
+        "--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None
+    )
+    model.add_argument(
+        "--kv-cache-memory-bytes", type=parse_bytes, default=None, help="e.g. 2147483648 or 2GiB"
+    )
     model.add_argument("--gpu-memory-utilization", type=float, default=None)
     model.add_argument("--num-gpu-blocks-override", type=int, default=None)
     model.add_argument("--attention-backend", default=None)

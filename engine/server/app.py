@@ -215,7 +215,8 @@ class OpenAIServer:
                     f"token id {token_id} is outside the vocabulary [0, {vocab})", param=param
                 )
 
-    def _encode_prompt(self, prompt: P.Prompt) -> tuple[str, list[int]]:
+    def _encode_prompt(self, prompt: P.Prompt, need_text: bool) -> tuple[str | None, list[int]]:
+        """(text, token ids); the text of a token-id prompt is decoded only when needed (echo)."""
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
             if not token_ids:
@@ -224,7 +225,7 @@ class OpenAIServer:
                 )
             return prompt, token_ids
         self._check_vocab(prompt, "prompt")
-        return self.tokenizer.decode(prompt), list(prompt)
+        return (self.tokenizer.decode(prompt) if need_text else None), list(prompt)
 
     def _render_chat(self, chat: P.ChatRequest) -> list[int]:
         try:
@@ -287,7 +288,7 @@ class OpenAIServer:
         body = P.parse_json_body(await request.read())
         req = P.parse_completion_request(body, self.model_config.max_logprobs)
         model = self._model_name(req.model)
-        encoded = [self._encode_prompt(p) for p in req.prompts]
+        encoded = [self._encode_prompt(p, need_text=req.echo) for p in req.prompts]
         echo_only = req.max_tokens == 0  # echo with max_tokens 0: return the prompt only
         params = []
         for _, token_ids in encoded:
@@ -494,7 +495,7 @@ class _CompletionJob:
         model: str,
         response_id: str,
         created: int,
-        encoded: list[tuple[str, list[int]]],
+        encoded: list[tuple[str | None, list[int]]],
         echo_only: bool,
     ) -> None:
         self.req = req
@@ -517,6 +518,7 @@ class _CompletionJob:
         """(new text, new token ids, their logprob positions, includes the prompt) to send."""
         c = out.outputs[sample]
         prompt_text, prompt_ids = self.encoded[prompt_index]
+        prompt_text = prompt_text or ""  # decoded whenever echo is on
         if self.echo_only:
             if state.started:
                 return "", [], [], False

@@ -85,25 +85,44 @@ class SchedulerMachine(RuleBasedStateMachine):
         self._step()
 
     @precondition(lambda self: self.scheduler.requests)
-    @rule(data=st.data(), status=st.sampled_from(
-        [RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED]
-    ))
+    @rule(
+        data=st.data(),
+        status=st.sampled_from([RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_STOPPED]),
+    )
     def finish(self, data, status):
         request_id = data.draw(st.sampled_from(sorted(self.scheduler.requests)))
         found = self.scheduler.finish_requests([request_id, "unknown"], status)
         assert [r.request_id for r in found] == [request_id]
         assert found[0].status is status
 
+    @precondition(lambda self: self.scheduler.running)
+    @rule(data=st.data(), num_drafts=st.integers(1, 3))
+    def propose(self, data, num_drafts):
+        """Speculation: drafts for a running request that has all its tokens computed but the
+        last; the next step verifies them and rolls back the rejected ones."""
+        candidates = [
+            r for r in self.scheduler.running if r.num_computed_tokens == r.num_tokens - 1
+        ]
+        if not candidates:
+            return
+        request = data.draw(st.sampled_from(candidates))
+        room = min(
+            request.sampling_params.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        request.spec_token_ids = [self.rng.randint(1, 3) for _ in range(min(num_drafts, room))]
+
     # ---- invariants ----------------------------------------------------------------------------
 
     def _step(self):
         output = self.scheduler.schedule()
         self.last_output = output
-        sampled = {
-            s.request.request_id: SampledToken(self.rng.randint(1, 3), 0.0)
-            for s in output.scheduled
-            if s.sample
-        }
+        sampled = {}
+        for s in output.scheduled:
+            if s.sample:  # accept a random prefix of the drafts, then one token of our own
+                accepted = list(s.spec_token_ids[: self.rng.randint(0, len(s.spec_token_ids))])
+                tokens = [*accepted, self.rng.randint(1, 3)]
+                sampled[s.request.request_id] = [SampledToken(t, 0.0) for t in tokens]
         self.scheduler.update_from_output(output, sampled)
         return output
 
@@ -126,8 +145,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert not blocks, "a request that is not running holds blocks"
             for block in blocks:
                 uses[block.block_id] += 1
-            # the table covers the computed tokens
+            # the table covers the computed tokens, and holds no block for rejected drafts
             assert len(blocks) * kv.block_size >= request.num_computed_tokens
+            if request.status is RequestStatus.RUNNING and not request.spec_token_ids:
+                assert len(blocks) <= kv.num_blocks_for(request.num_tokens)
         for block in kv.pool.blocks:
             assert block.ref_cnt == uses[block.block_id]
 
