@@ -411,3 +411,39 @@ def _publish(staging: Path, target: Path) -> None:
             shutil.rmtree(trash, ignore_errors=True)
     if not (target / _COMPLETE_MARKER).is_file():
         raise RuntimeError(f"could not install the demo checkpoint at {target}")
+
+
+def make_layer_truncated_checkpoint(source: Path, path: Path, num_layers: int) -> Path:
+    """Writes a checkpoint made of `source`'s first `num_layers` decoder layers (with its
+    embeddings, final norm and head, and its tokenizer files): a draft model for speculative
+    decoding that shares most of the target's computation and exactly its vocabulary."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    source, path = Path(source), Path(path)
+    config = json.loads((source / "config.json").read_text())
+    if not 1 <= num_layers <= config["num_hidden_layers"]:
+        raise ValueError(
+            f"num_layers must be in [1, {config['num_hidden_layers']}], got {num_layers}"
+        )
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(source.glob("*.safetensors")):
+        for name, tensor in load_file(file).items():
+            parts = name.split(".")
+            if len(parts) > 2 and parts[1] == "layers" and int(parts[2]) >= num_layers:
+                continue
+            tensors[name] = tensor
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config["num_hidden_layers"] = num_layers
+    if isinstance(config.get("layer_types"), list):
+        config["layer_types"] = config["layer_types"][:num_layers]
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    for file in source.iterdir():
+        if file.suffix in (".json", ".jinja", ".txt", ".model") and file.name not in (
+            "config.json",
+            "model.safetensors.index.json",
+        ):
+            shutil.copy(file, path / file.name)
+    return path

@@ -32,6 +32,7 @@ from engine.sampler import splitmix64
 from engine.sampling_params import SamplingParams, tokenize_bad_words
 from engine.scheduler.interface import Scheduler, SchedulerOutput, SchedulerStats
 from engine.scheduler.scheduler import DefaultScheduler
+from engine.spec_decode.speculator import SpecDecodeStats, Speculator
 from engine.stop import StopStringChecker
 from engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
 
@@ -49,6 +50,7 @@ class EngineStats:
     scheduler: SchedulerStats
     prompt_tokens_total: int  # prompt tokens of requests added
     generation_tokens_total: int  # tokens sampled
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
 
 
 @dataclass
@@ -87,6 +89,14 @@ class LLMEngine:
         reference = self.scheduler_config.scheduler == "reference"
         scheduler_class = ReferenceScheduler if reference else DefaultScheduler
         self.scheduler: Scheduler = scheduler_class(self.scheduler_config, self.cache_config)
+        self.speculator: Speculator | None = None
+        if args.speculative_config is not None:
+            self.speculator = Speculator(
+                args.speculative_config,
+                self.model_config,
+                self.cache_config,
+                self.attention_backend,
+            )
         # Unseeded requests draw their sampling seed from here: reproducible per engine seed.
         self._seed_rng = random.Random(args.seed)
         self._groups: dict[str, _Group] = {}
@@ -226,6 +236,7 @@ class LLMEngine:
             scheduler=self.scheduler.stats(),
             prompt_tokens_total=self.num_prompt_tokens_total,
             generation_tokens_total=self.num_generation_tokens_total,
+            spec_decode=self.speculator.stats.snapshot() if self.speculator else None,
         )
 
     def get_num_unfinished_requests(self) -> int:
@@ -241,15 +252,19 @@ class LLMEngine:
         result = self.runner.execute(output)
         self._add_prompt_logprobs(output, result)
         updated = self.scheduler.update_from_output(output, result.sampled)
-        self.num_generation_tokens_total += len(updated)
+        if self.speculator is not None:
+            self.speculator.record(output, result.sampled)
 
         touched: dict[str, _Group] = {}
         for request in updated:
             group = self._groups.get(request.parent_id or request.request_id)
             if group is None:
                 continue
-            self._process_new_token(group, request)
+            self._process_new_tokens(group, request)
             touched[group.request_id] = group
+        if self.speculator is not None:
+            assert isinstance(self.scheduler, DefaultScheduler)
+            self.speculator.propose(output, self.scheduler.kv)
 
         outputs = []
         for group in touched.values():
@@ -272,15 +287,19 @@ class LLMEngine:
                     self.token_texts.fill(entry)
                 item.request.add_prompt_logprobs(first_index, entries)
 
-    def _process_new_token(self, group: _Group, request: Request) -> None:
-        """Detokenizes the request's new token and ends the request on a stop string."""
+    def _process_new_tokens(self, group: _Group, request: Request) -> None:
+        """Detokenizes the request's new tokens (one, or several after speculation) and ends
+        the request on a stop string."""
         index = request.sample_index
         detok = group.detokenizers[index]
-        delta = detok.add_tokens([request.output_token_ids[-1]])
+        num_new = request.num_output_tokens - len(detok.token_ids)
+        self.num_generation_tokens_total += num_new
+        delta = detok.add_tokens(request.output_token_ids[-num_new:])
         if request.is_finished:
             delta += detok.flush()
         if request.logprobs:
-            self.token_texts.fill(request.logprobs[-1])
+            for entry in request.logprobs[-num_new:]:
+                self.token_texts.fill(entry)
         # As in vLLM, no stop string can end within the first min_tokens tokens' text.
         check = request.num_output_tokens > request.sampling_params.min_tokens
         stop = group.stop_checkers[index].append(delta, check=check)

@@ -25,6 +25,7 @@ from engine.logprobs import logprob_entries
 from engine.request import PromptLogprobs
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
+from engine.spec_decode.verifier import VerifyItem, verify
 
 # Prompt-logprob logits are computed this many positions at a time, so that a long prompt chunk
 # never holds a [chunk, vocab] tensor at once.
@@ -52,11 +53,16 @@ class ModelInputs:
     prompt_logits_indices: torch.Tensor  # [M] int64: rows whose logits give prompt logprobs
     prompt_logprob_token_ids: torch.Tensor  # [M] int64: the prompt token each row reports
     prompt_logprob_spans: tuple[PromptLogprobsSpan, ...]  # consecutive runs of the M rows
+    # Speculative verification: for each item, m + 1 consecutive rows (the last real token and
+    # the m drafts), in item order.
+    verify_logits_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [R]
+    verify_items: tuple[VerifyItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RunnerOutput:
-    sampled: dict[str, SampledToken]  # request id -> its new token
+    # request id -> its new token, or with speculation the 1 .. m + 1 tokens it emits
+    sampled: dict[str, SampledToken | list[SampledToken]]
     # request id -> (index of the first prompt token covered, entries from there on)
     prompt_logprobs: dict[str, tuple[int, PromptLogprobs]] = field(default_factory=dict)
 
@@ -77,6 +83,8 @@ def prepare_inputs(
     prompt_indices: list[int] = []
     prompt_targets: list[int] = []
     prompt_spans: list[PromptLogprobsSpan] = []
+    verify_indices: list[int] = []
+    verify_items: list[VerifyItem] = []
     max_blocks = max((len(s.block_ids) for s in scheduled), default=0)
     block_table = torch.zeros(len(scheduled), max(max_blocks, 1), dtype=torch.int32)
 
@@ -84,7 +92,9 @@ def prepare_inputs(
         request = item.request
         start, end = item.num_computed_tokens, item.seq_len
         first_row = query_start_loc[-1]
-        input_ids += request.token_ids_range(start, end)
+        num_spec = len(item.spec_token_ids)
+        input_ids += request.token_ids_range(start, end - num_spec)
+        input_ids += item.spec_token_ids
         positions += range(start, end)
         slot_mapping += (
             item.block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)
@@ -106,7 +116,15 @@ def prepare_inputs(
                 prompt_spans.append(
                     PromptLogprobsSpan(request.request_id, lo + 1, hi - lo, num_top)
                 )
-        if item.sample:
+        if item.sample and num_spec:
+            last = query_start_loc[-1] - 1
+            verify_indices += range(last - num_spec, last + 1)
+            # The budget may have cut the drafts short: keep their distributions in step.
+            draft_probs = request.spec_draft_probs
+            if draft_probs is not None:
+                draft_probs = draft_probs[:num_spec]
+            verify_items.append(VerifyItem(request, item.spec_token_ids, draft_probs))
+        elif item.sample:
             logits_indices.append(query_start_loc[-1] - 1)
             sampling_ids.append(request.request_id)
             sampling_rows.append(
@@ -145,6 +163,8 @@ def prepare_inputs(
         prompt_logits_indices=tensor(prompt_indices, torch.int64),
         prompt_logprob_token_ids=tensor(prompt_targets, torch.int64),
         prompt_logprob_spans=tuple(prompt_spans),
+        verify_logits_indices=tensor(verify_indices, torch.int64),
+        verify_items=tuple(verify_items),
     )
 
 
@@ -166,11 +186,18 @@ class ModelRunner:
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         inputs = prepare_inputs(output.scheduled, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
-        sampled: dict[str, SampledToken] = {}
+        sampled: dict[str, SampledToken | list[SampledToken]] = {}
         if inputs.sampling_rows:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
             samples = self.sampler(logits, inputs.sampling_rows)
-            sampled = dict(zip(inputs.sampling_request_ids, samples, strict=True))
+            sampled.update(zip(inputs.sampling_request_ids, samples, strict=True))
+        if inputs.verify_items:
+            logits = self.model.compute_logits(hidden[inputs.verify_logits_indices])  # [R, V]
+            emitted = verify(logits, inputs.verify_items)
+            sampled.update(
+                (item.request.request_id, tokens)
+                for item, tokens in zip(inputs.verify_items, emitted, strict=True)
+            )
         return RunnerOutput(sampled, self._prompt_logprobs(hidden, inputs))
 
     def _prompt_logprobs(

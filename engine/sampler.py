@@ -17,7 +17,8 @@ Order of operations, vectorised over the batch with each row's own parameters (v
 8. min_p: tokens with probability below min_p * (the top probability) -> -inf.
 9. top-k, then top-p over what top-k kept (both keep every token tied with the last one kept).
 10. the draw: argmax(probs / E) with E ~ Exponential(1) i.i.d. per token, which picks token i
-    with probability probs[i] (the exponential race).
+    with probability probs[i] (the exponential race). `draw_tokens` finds the top-p set's winner
+    without sorting the vocabulary (see there); `sampling_distribution` gives the probabilities.
 
 If steps 2-5 leave a row with no token at all (e.g. allowed_token_ids that are all bad words),
 that row falls back to its raw logits rather than sampling from nothing.
@@ -30,6 +31,7 @@ preemption recomputes it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -146,49 +148,45 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     )
 
 
-def _padded(sequences: list[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max((len(s) for s in sequences), default=0)
-    out = torch.full((len(sequences), max(width, 1)), pad, dtype=torch.int64)  # [b, L]
-    for i, seq in enumerate(sequences):
-        if len(seq):
-            out[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.int64)
-    return out.to(device)
-
-
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    penalized = [
-        i
-        for i, r in enumerate(rows)
-        if r.params.repetition_penalty != 1.0
-        or r.params.frequency_penalty != 0.0
-        or r.params.presence_penalty != 0.0
-    ]
-    if not penalized:
+    """Only tokens that occur in a row's prompt or output are penalised, so the work is done on
+    those (row, token) pairs alone: gathered, penalised, scattered back."""
+    row_idx: list[int] = []
+    col_idx: list[int] = []
+    counts: list[int] = []  # occurrences of the pair's token in the row's output
+    repetition: list[float] = []
+    frequency: list[float] = []
+    presence: list[float] = []
+    for i, row in enumerate(rows):
+        params = row.params
+        if (
+            params.repetition_penalty == 1.0
+            and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0
+        ):
+            continue
+        occurrences = Counter(row.output_token_ids)
+        for token_id in set(row.prompt_token_ids) - occurrences.keys():
+            occurrences[token_id] = 0
+        row_idx += [i] * len(occurrences)
+        col_idx += occurrences.keys()
+        counts += occurrences.values()
+        repetition += [params.repetition_penalty] * len(occurrences)
+        frequency += [params.frequency_penalty] * len(occurrences)
+        presence += [params.presence_penalty] * len(occurrences)
+    if not row_idx:
         return logits
-    device, vocab = logits.device, logits.shape[-1]
-    sub = logits[penalized]  # [b, V]
-    # Column `vocab` takes the padding and is dropped.
-    outputs = _padded([rows[i].output_token_ids for i in penalized], vocab, device)  # [b, L]
-    counts = torch.zeros(len(penalized), vocab + 1, dtype=sub.dtype, device=device)
-    counts.scatter_add_(1, outputs, torch.ones_like(outputs, dtype=sub.dtype))
-    counts = counts[:, :vocab]  # [b, V] occurrences in the output
-    prompts = _padded([rows[i].prompt_token_ids for i in penalized], vocab, device)
-    seen = torch.zeros(len(penalized), vocab + 1, dtype=torch.bool, device=device)
-    seen.scatter_(1, prompts, True)
-    seen = seen[:, :vocab] | (counts > 0)  # [b, V] in prompt or output
+    device, dtype = logits.device, logits.dtype
 
-    def column(values: list[float]) -> torch.Tensor:  # [b, 1]
-        return torch.tensor(values, dtype=sub.dtype, device=device)[:, None]
+    def tensor(values: list[float] | list[int]) -> torch.Tensor:  # [P]
+        return torch.tensor(values, dtype=dtype, device=device)
 
-    repetition = column([rows[i].params.repetition_penalty for i in penalized])
-    frequency = column([rows[i].params.frequency_penalty for i in penalized])
-    presence = column([rows[i].params.presence_penalty for i in penalized])
-    penalized_logits = torch.where(sub > 0, sub / repetition, sub * repetition)
-    sub = torch.where(seen, penalized_logits, sub)
-    sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
-    out = logits.clone()
-    out[penalized] = sub
-    return out
+    index = (torch.tensor(row_idx, device=device), torch.tensor(col_idx, device=device))
+    values = logits[index]  # [P]
+    rep, count = tensor(repetition), tensor(counts)
+    values = torch.where(values > 0, values / rep, values * rep)
+    values = values - tensor(frequency) * count - tensor(presence) * (count > 0).to(dtype)
+    return logits.index_put(index, values)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -198,39 +196,82 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, _NEG_INF)
 
 
+# Top-p first looks for its cut among this many most likely tokens (a top-k, much cheaper than
+# sorting the vocabulary); only rows whose cut lies further out sort the whole row.
+TOP_P_CANDIDATES = 512
+
+
+def _top_k_top_p_by_sort(
+    logits: torch.Tensor,  # [b, V]
+    top_k: torch.Tensor,  # [b]
+    top_p: torch.Tensor,  # [b]
+) -> torch.Tensor:  # [b] the logit threshold: tokens >= it stay
+    sorted_logits = logits.sort(dim=-1, descending=True).values  # [b, V]
+    threshold = sorted_logits.gather(1, (top_k - 1)[:, None])[:, 0]  # [b] k-th largest logit
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold[:, None], _NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)  # [b, V]
+    cum = probs.cumsum(dim=-1)
+    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # [b, V]
+    num_kept = (mass_before < top_p[:, None]).sum(dim=-1).clamp(min=1)  # [b]
+    cut = sorted_logits.gather(1, (num_kept - 1)[:, None])[:, 0]
+    return torch.where(top_p < 1.0, torch.maximum(threshold, cut), threshold)
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor,  # [B, V], after temperature
     top_k: torch.Tensor,  # [B] int64, V where disabled
     top_p: torch.Tensor,  # [B] float, 1.0 where disabled
+    num_candidates: int = TOP_P_CANDIDATES,
 ) -> torch.Tensor:  # [B, V] with removed tokens at -inf
-    """Top-k, then top-p over the renormalised top-k distribution, with one sort.
+    """Top-k, then top-p over the renormalised top-k distribution.
 
     Both cut at a logit value and keep every token >= it, so tokens tied with the last one kept
-    are kept too: the result does not depend on how the sort orders ties. Top-p keeps the most
+    are kept too: the result does not depend on how ties are ordered. Top-p keeps the most
     likely tokens whose preceding (strictly more likely) mass is below top_p.
+
+    The cut is searched among the row's top-k tokens, or, for a top-p-only row, among its
+    `num_candidates` most likely tokens; a row whose top-p cut is not found there (a flat
+    distribution) falls back to sorting its whole row.
     """
-    sorted_logits = logits.sort(dim=-1, descending=True).values  # [B, V]
-    threshold = sorted_logits.gather(1, (top_k - 1)[:, None])  # [B, 1] k-th largest logit
-    if bool((top_p < 1.0).any()):
-        sorted_logits = sorted_logits.masked_fill(sorted_logits < threshold, _NEG_INF)
-        probs = sorted_logits.softmax(dim=-1)  # [B, V]
+    vocab = logits.shape[-1]
+    use_k = top_k < vocab  # [B]
+    use_p = top_p < 1.0  # [B]
+    width = int(torch.where(use_k, top_k, min(num_candidates, vocab)).max())
+    candidates = logits.topk(width, dim=-1).values  # [B, width], descending
+    threshold = torch.where(
+        use_k, candidates.gather(1, (top_k.clamp(max=width) - 1)[:, None])[:, 0], _NEG_INF
+    )  # [B]
+    if bool(use_p.any()):
+        # log of the mass top-p takes a fraction of: the top-k set's (ties with the k-th token
+        # included, so over the whole row) or the whole row's
+        log_total = logits.masked_fill(logits < threshold[:, None], _NEG_INF).logsumexp(dim=-1)
+        kept = candidates.masked_fill(candidates < threshold[:, None], _NEG_INF)  # [B, width]
+        probs = (kept - log_total[:, None]).exp()  # [B, width]
         cum = probs.cumsum(dim=-1)
-        mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)  # [B, V]
+        mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
         num_kept = (mass_before < top_p[:, None]).sum(dim=-1).clamp(min=1)  # [B]
-        threshold = torch.maximum(threshold, sorted_logits.gather(1, (num_kept - 1)[:, None]))
-    return logits.masked_fill(logits < threshold, _NEG_INF)
+        cut = candidates.gather(1, (num_kept - 1)[:, None])[:, 0]
+        threshold = torch.where(use_p, torch.maximum(threshold, cut), threshold)
+        # All candidates kept and the row has more tokens: the cut may lie beyond them.
+        unsure = use_p & ~use_k & (num_kept == width) & (width < vocab)
+        if bool(unsure.any()):
+            rows = unsure.nonzero()[:, 0]
+            threshold[rows] = _top_k_top_p_by_sort(logits[rows], top_k[rows], top_p[rows])
+    return logits.masked_fill(logits < threshold[:, None], _NEG_INF)
 
 
 def exponential_noise(
     rows: Sequence[SamplingRow], vocab: int, dtype: torch.dtype
 ) -> torch.Tensor:  # [B, V] on the CPU
+    """E ~ Exponential(1) per token, from a generator seeded by (seed, output position) only."""
     noise = torch.empty(len(rows), vocab, dtype=dtype)
     generator = torch.Generator(device="cpu")
     for i, row in enumerate(rows):
         generator.manual_seed(position_seed(row.sampling_seed, row.output_position))
-        noise[i].exponential_(generator=generator)
-    # An exact 0 would turn a masked token's 0 / E into NaN, which argmax would pick.
-    return noise.clamp_(min=torch.finfo(dtype).tiny)
+        noise[i].uniform_(generator=generator)  # [0, 1); uniform_ is ~3x faster than exponential_
+    # -log(1 - U) ~ Exponential(1). An exact 0 would turn a masked token's 0 / E into NaN
+    # (which argmax picks), so E is kept >= the smallest normal number.
+    return noise.neg_().log1p_().neg_().clamp_(min=torch.finfo(dtype).tiny)
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -239,29 +280,92 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     processed = apply_bad_words(processed, rows)
     processed = apply_min_tokens(processed, rows)
     processed = apply_logit_bias(processed, rows)
-    dead = torch.isneginf(processed).all(dim=-1)  # [B]: nothing left to sample
-    if bool(dead.any()):
-        processed = torch.where(dead[:, None], logits, processed)
+    if processed is not logits:  # something was excluded: is anything left?
+        dead = torch.isneginf(processed).all(dim=-1)  # [B]
+        if bool(dead.any()):
+            processed = torch.where(dead[:, None], logits, processed)
     return apply_penalties(processed, rows)
 
 
-def sampling_distribution(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Steps 7-9 for non-greedy rows: processed logits [B, V] -> probabilities [B, V]."""
+def truncated_logits(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], with_top_p: bool = True
+) -> torch.Tensor:
+    """Steps 7-9 for non-greedy rows: processed logits [B, V] -> temperature-scaled logits [B, V]
+    with the tokens min-p, top-k and (if with_top_p) top-p exclude at -inf."""
     device, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
-    temperature = torch.tensor([r.params.temperature for r in rows], dtype=dtype, device=device)
-    scaled = logits / temperature[:, None]
+    temperatures = [r.params.temperature for r in rows]
+    scaled = logits
+    if any(t != 1.0 for t in temperatures):
+        scaled = logits / torch.tensor(temperatures, dtype=dtype, device=device)[:, None]
     min_p = [r.params.min_p for r in rows]
     if any(min_p):
         scaled = apply_min_p(scaled, torch.tensor(min_p, dtype=dtype, device=device))
     top_k = [vocab if r.params.top_k == -1 else min(r.params.top_k, vocab) for r in rows]
-    top_p = [r.params.top_p for r in rows]
+    top_p = [r.params.top_p if with_top_p else 1.0 for r in rows]
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
         scaled = apply_top_k_top_p(
             scaled,
             torch.tensor(top_k, dtype=torch.int64, device=device),
             torch.tensor(top_p, dtype=dtype, device=device),
         )
-    return scaled.softmax(dim=-1)
+    return scaled
+
+
+def sampling_distribution(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Steps 7-9 for non-greedy rows: processed logits [B, V] -> probabilities [B, V]."""
+    return truncated_logits(logits, rows).softmax(dim=-1)
+
+
+# Rounds of the top-p race in draw_tokens before a row falls back to sorting.
+TOP_P_RACE_ROUNDS = 4
+
+
+def draw_tokens(
+    logits: torch.Tensor,  # [B, V] processed logits of non-greedy rows
+    rows: Sequence[SamplingRow],
+    noise: torch.Tensor,  # [B, V] exponential_noise of the rows
+    race_rounds: int = TOP_P_RACE_ROUNDS,
+) -> torch.Tensor:  # [B] int64
+    """Steps 7-10: the token argmax(probs / noise) over the min-p / top-k / top-p set.
+
+    Top-p is resolved without sorting the vocabulary: the race winner of the min-p / top-k set is
+    accepted when the tokens strictly more likely than it hold less than top_p of the mass (then
+    it is inside the top-p set, and it beats every token there); otherwise it and every token at
+    most as likely are outside the set, so they are struck out and the race rerun with the same
+    noise. That picks the very token masking first would pick, usually in one round; a row still
+    unresolved after `race_rounds` rounds is masked by apply_top_k_top_p.
+    """
+    scaled = truncated_logits(logits, rows, with_top_p=False)  # [B, V]
+    probs = scaled.softmax(dim=-1)
+    score = probs / noise  # [B, V]
+    tokens = score.argmax(dim=-1)  # [B]
+    top_p = torch.tensor([r.params.top_p for r in rows], dtype=probs.dtype, device=probs.device)
+    pending = (top_p < 1.0).nonzero()[:, 0]  # rows whose winner is not yet known to be inside
+    for _ in range(race_rounds):
+        if pending.numel() == 0:
+            break
+        row_logits = scaled[pending]  # [n, V]
+        winner_logit = row_logits.gather(1, tokens[pending, None])  # [n, 1]
+        mass_above = probs[pending].masked_fill(row_logits <= winner_logit, 0.0).sum(dim=-1)
+        outside = mass_above >= top_p[pending]  # [n]
+        pending, row_logits, winner_logit = (
+            pending[outside],
+            row_logits[outside],
+            winner_logit[outside],
+        )
+        if pending.numel():
+            score[pending] = score[pending].masked_fill(row_logits <= winner_logit, 0.0)
+            tokens[pending] = score[pending].argmax(dim=-1)
+    if pending.numel():
+        vocab = torch.full_like(pending, logits.shape[-1])
+        cut = apply_top_k_top_p(scaled[pending], vocab, top_p[pending])
+        tokens[pending] = (cut.softmax(dim=-1) / noise[pending]).argmax(dim=-1)
+    return tokens
+
+
+def _take(tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """tensor[index] without a copy when index is every row in order."""
+    return tensor if index == list(range(tensor.shape[0])) else tensor[index]
 
 
 class Sampler:
@@ -270,24 +374,28 @@ class Sampler:
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         vocab, device = logits.shape[-1], logits.device
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        # Raw logprobs (step 1) are logits - logsumexp; the full [B, V] is built only for the
+        # rows that asked for top-N logprobs.
+        log_total = logits.logsumexp(dim=-1)  # [B]
 
         processed = process_logits(logits, rows)
-        tokens = processed.argmax(dim=-1)  # [B]: the greedy rows' answer
+        tokens = torch.zeros(len(rows), dtype=torch.int64, device=device)  # [B]
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        if greedy:
+            tokens[greedy] = _take(processed, greedy).argmax(dim=-1)
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if sampled:
             sub_rows = [rows[i] for i in sampled]
-            probs = sampling_distribution(processed[sampled], sub_rows)  # [b, V]
-            noise = exponential_noise(sub_rows, vocab, logits.dtype).to(device)
-            tokens[sampled] = (probs / noise).argmax(dim=-1)
+            noise = exponential_noise(sub_rows, vocab, logits.dtype).to(device)  # [b, V]
+            tokens[sampled] = draw_tokens(_take(processed, sampled), sub_rows, noise)
 
-        token_logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0].tolist()  # [B]
+        token_logprobs = (logits.gather(1, tokens[:, None])[:, 0] - log_total).tolist()  # [B]
         tokens_list = tokens.tolist()
         with_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         entries = {}
         if with_logprobs:
             built = logprob_entries(
-                raw_logprobs[with_logprobs],
+                _take(logits, with_logprobs) - log_total[with_logprobs, None],  # [b, V]
                 tokens[with_logprobs],
                 [rows[i].params.logprobs or 0 for i in with_logprobs],
             )

@@ -9,8 +9,11 @@ norms. Sampled tokens must be identical and their logprobs equal to float64 prec
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -89,3 +92,26 @@ def test_fast_engine_serves_mixed_steps(engine_pairs, monkeypatch):
     assert got == expected
     assert any(1 in lens and max(lens) > 1 for lens in query_lens)  # a mixed step happened
     assert len({t for seq in got for t in seq}) > 3
+
+
+@pytest.mark.parametrize("script", ["throughput", "latency", "kernels"])
+def test_bench_scripts_run_quick(script, tmp_path, monkeypatch, capsys):
+    """Each benchmark runs end to end in its --quick mode and prints its table."""
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    monkeypatch.setenv("ENGINE_CACHE_DIR", str(tmp_path))
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", bench_dir / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"bench_{script}", module)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "measured bounds" in out or "memory copy bandwidth" in out
+    header = {
+        "throughput": "engine speedup",
+        "latency": "of copy bandwidth",
+        "kernels": "speedup",
+    }[script]
+    assert header in out
+    if script != "kernels":
+        assert "HF" in out  # the baseline ran beside the engine

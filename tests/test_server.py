@@ -608,3 +608,26 @@ def test_cli_flags_map_onto_engine_args(llama_path, monkeypatch, caplog):
     assert "--future-setting is ignored" in caplog.text
     assert cli.parse_bytes("2GiB") == 2 * 2**30 and cli.parse_bytes("1.5k") == 1536
     assert cli.parse_bytes("512") == 512
+
+
+def test_speculative_decoding_server_and_metrics(llama_path, llm):
+    """--speculative-config on the server: the same greedy text as without it, and vLLM's
+    spec_decode counters on /metrics."""
+    spec = {"method": "draft_model", "model": str(llama_path), "num_speculative_tokens": 3}
+    engine = LLMEngine(EngineArgs(model=str(llama_path), **ENGINE_KW, speculative_config=spec))
+    config = ServerConfig(served_model_names=(MODEL,), log_stats_interval=None, access_log=False)
+    with ServerThread(OpenAIServer(engine, config)) as thread:
+        with openai.OpenAI(base_url=thread.url + "/v1", api_key="none", max_retries=0) as c:
+            got = c.completions.create(model=MODEL, prompt="Hello", max_tokens=12, temperature=0)
+        want = offline(llm, ["Hello"], max_tokens=12, temperature=0)[0].outputs[0].text
+        assert got.choices[0].text == want
+        m = wait_idle(thread.url)
+    drafts = m[("vllm:spec_decode_num_drafts_total", ())]
+    drafted = m[("vllm:spec_decode_num_draft_tokens_total", ())]
+    accepted = m[("vllm:spec_decode_num_accepted_tokens_total", ())]
+    assert drafts > 0 and accepted == drafted  # the model drafting for itself is always right
+    per_position = [
+        m[("vllm:spec_decode_num_accepted_tokens_per_pos_total", (("position", str(i)),))]
+        for i in range(3)
+    ]
+    assert sum(per_position) == accepted

@@ -9,6 +9,8 @@ stop_reason the string, and the token ids end with the token that completed it.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -40,7 +42,7 @@ def test_checker_equals_a_character_scan_however_the_text_is_cut(
     text, stops, cuts, include, unchecked_deltas
 ):
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
-    deltas = [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    deltas = [text[a:b] for a, b in itertools.pairwise(bounds)]
     checker = StopStringChecker(stops, include_stop_str_in_output=include)
     shown = ""
     found = []

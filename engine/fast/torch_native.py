@@ -4,21 +4,24 @@ kernels are missing.
 Owns `TorchNativeAttention` (`--attention-backend torch`). One forward handles a mixed batch of
 decodes and prompt chunks without a per-request Python loop:
 
-1. Plan (once per step, shared by every layer): requests are grouped by query length (all
-   decodes together; prompt chunks sorted and packed into a few groups of similar length, so
-   padding stays bounded). For each group the plan holds the block ids each request reads, the
-   packed-token index of every (padded) query slot, and a boolean visibility mask built from
-   positions (causal, offset by the cached tokens, optionally a sliding window).
-2. Per layer and group: one gather of whole blocks through the block table, straight into a
-   [Hkv, n, S, D] layout, then two batched matmuls around a masked softmax.
+1. Plan (once per step, shared by every layer): requests are sorted by query length, then
+   context length, and cut into a few groups of similar shape (decodes with contexts of
+   similar length together; prompt chunks of similar length together), so padding wastes little
+   work. For each group the plan holds the block ids each request reads, the packed-token index
+   of every (padded) query slot, and a boolean visibility mask built from positions (causal,
+   offset by the cached tokens, optionally a sliding window).
+2. Per layer and group: one gather of whole blocks through the block table (index_select of
+   contiguous bs * Hkv * D runs), then one `scaled_dot_product_attention` over strided
+   [n, Hkv, S, D] views of it with the visibility mask.
 
 GQA is folded, not repeated: the G query heads that share a KV head become G extra query rows of
-that head ([Hkv, n, Q * G, D] against [Hkv, n, S, D]), so K/V are never materialised G times.
+that head ([n, Hkv, Q * G, D] against [n, Hkv, S, D]), so K/V are never materialised G times.
 
 Invariants: reads only the cache slots of blocks listed in a request's block table and masks every
-slot at or past its seq_len, so stale data in reused blocks never leaks in; the arithmetic
-matches `engine.reference.attention` op for op (scores = (q k^T) * scale, masked_fill -inf,
-softmax in float32, or float64 for float64 models), so float64 results agree to ~1e-15.
+slot at or past its seq_len, so stale data in reused blocks never leaks in; every padded query row
+sees at least one key (no NaN). Numerics: the same attention as `engine.reference.attention`
+computed by torch's fused kernel (online softmax in float32, float64 for float64 models): float64
+results agree with the reference to ~1e-15.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, write_kv_to_cache
 
-# A group's padded score tensor holds at most this many elements per KV head (n * Q * G * S);
-# bigger prompt batches are split so the temporaries stay a few tens of MB.
+# A group's padded visibility mask holds at most this many elements (n * Q * G * S); bigger
+# prompt batches are split so masks and padded work stay small (one long request may exceed it).
 MAX_SCORE_ELEMENTS = 1 << 22
+# Context-length buckets are cut only between groups of at least this many requests: each group
+# costs a handful of kernel launches per layer, worth paying only to skip real padding.
+MIN_GROUP_SIZE = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,24 +60,25 @@ class _Plan:
     groups: tuple[_Group, ...]
 
 
-def _chunk_groups(
-    order: list[int], q_lens: list[int], k_lens: list[int], group: int
-) -> list[list[int]]:
-    """Splits requests (sorted by query length, longest first) into groups whose padded score
-    size stays under MAX_SCORE_ELEMENTS and whose query lengths are within 2x of the longest."""
+def group_requests(q_lens: list[int], k_lens: list[int], group: int) -> list[list[int]]:
+    """Requests in attention groups: sorted by query then context length, longest first, and cut
+    where padding would waste work (a query under half the group's longest, or a context under
+    3/4 of its longest once the group has MIN_GROUP_SIZE requests) or where the padded score
+    tensor would pass MAX_SCORE_ELEMENTS."""
+    order = sorted(range(len(q_lens)), key=lambda i: (-q_lens[i], -k_lens[i]))
     groups: list[list[int]] = []
     current: list[int] = []
-    q_max = s_max = 0
+    q_max = k_max = 0
     for i in order:
-        new_s = max(s_max, k_lens[i])
-        new_q = max(q_max, q_lens[i])
-        too_big = (len(current) + 1) * new_q * group * new_s > MAX_SCORE_ELEMENTS
-        too_ragged = q_lens[i] * 2 < q_max
-        if current and (too_big or too_ragged):
+        new_q, new_k = max(q_max, q_lens[i]), max(k_max, k_lens[i])
+        too_big = (len(current) + 1) * new_q * group * new_k > MAX_SCORE_ELEMENTS
+        ragged_q = q_lens[i] * 2 < q_max
+        ragged_k = len(current) >= MIN_GROUP_SIZE and k_lens[i] * 4 < k_max * 3
+        if current and (too_big or ragged_q or ragged_k):
             groups.append(current)
-            current, new_q, new_s = [], q_lens[i], k_lens[i]
+            current, new_q, new_k = [], q_lens[i], k_lens[i]
         current.append(i)
-        q_max, s_max = new_q, new_s
+        q_max, k_max = new_q, new_k
     if current:
         groups.append(current)
     return groups
@@ -100,11 +107,7 @@ def build_plan(
     k_lens = [n * block_size for n in num_blocks]
 
     block_table = meta.block_table.to("cpu", torch.int64)  # [B, max_blocks]
-    if all(q == 1 for q in q_lens):
-        members = [list(range(num_requests))]
-    else:
-        order = sorted(range(num_requests), key=lambda i: -q_lens[i])
-        members = _chunk_groups(order, q_lens, k_lens, group)
+    members = group_requests(q_lens, k_lens, group)
 
     groups = []
     for rows in members:

@@ -69,6 +69,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # The same arithmetic in one fused op (no casts to make at this dtype).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # As transformers does: normalise in float32, cast back, then scale.
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -76,7 +79,11 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for every position up to max_model_len, rotate-half convention."""
+    """cos/sin tables for every position up to max_model_len, rotate-half convention.
+
+    The sin table carries rotate-half's sign (-sin on the first half), so that a rotation is
+    x * cos + roll(x, D / 2) * sin: the same products as transformers' rotate_half, in fewer ops.
+    """
 
     def __init__(
         self,
@@ -91,11 +98,15 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_len, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [L, D / 2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
-        self.register_buffer("cos", (emb.cos() * scaling).to(dtype).to(device), persistent=False)
-        self.register_buffer("sin", (emb.sin() * scaling).to(dtype).to(device), persistent=False)
+        sign = torch.ones(head_dim)
+        sign[: head_dim // 2] = -1.0
+        cos, sin = emb.cos() * scaling, emb.sin() * scaling
+        self.register_buffer("cos", cos.to(dtype).to(device), persistent=False)
+        self.register_buffer("sin", (sin.to(dtype) * sign.to(dtype)).to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos[positions], self.sin[positions]  # each [T, D]
+        # [T, 1, D] each: broadcast over heads by every layer without re-indexing.
+        return self.cos[positions, None], self.sin[positions, None]
 
 
 def _rope_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -123,12 +134,11 @@ def _rope_inv_freq(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
 
 def apply_rope(
     x: torch.Tensor,  # [T, H, D]
-    cos: torch.Tensor,  # [T, D]
-    sin: torch.Tensor,  # [T, D]
+    cos: torch.Tensor,  # [T, 1, D]
+    sin: torch.Tensor,  # [T, 1, D], with rotate-half's sign (see RotaryEmbedding)
 ) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    # roll(x, D / 2) = (x2, x1); times the signed sin = rotate_half(x) * sin exactly.
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 class Attention(nn.Module):
@@ -168,19 +178,21 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,  # [T, D]
+        cos: torch.Tensor,  # [T, 1, D]
         sin: torch.Tensor,
         cache: LayerKVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, num_qk_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: per head, before RoPE
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        # Query and key heads rotate together: one set of ops per layer instead of two.
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         self.backend.write_kv(k, v, cache.k, cache.v, meta)
         out = self.backend.forward(q, cache.k, cache.v, meta, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -359,3 +371,18 @@ class LlamaForCausalLM(nn.Module):
                 f" and {len(missing) - 8} more" if len(missing) > 8 else ""
             )
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+        if self.embed_tokens.weight.device.type == "cpu":
+            self._use_cpu_gemm_layout()
+
+    def _use_cpu_gemm_layout(self) -> None:
+        """Stores every weight matrix column-major ([in, out] in memory), keeping its logical
+        [out, in] shape, so every F.linear is a plain x @ W_t GEMM for MKL.
+
+        Measured on the 2-core CPUs here (SmolLM-135M shapes, best of 15 interleaved runs): the
+        30 layers' linears take 24 ms instead of 29 at 1 row and are 1-5% faster from 8 to 512
+        rows; the 49152 x 576 LM head takes 5.5 ms instead of 10.7 at 1 row. Embedding lookups
+        then read strided rows: 0.8 ms per 128 tokens, noise next to the layers.
+        """
+        for param in self.parameters():
+            if param.dim() == 2:
+                param.data = param.data.t().contiguous().t()

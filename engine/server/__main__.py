@@ -24,6 +24,7 @@ logger = logging.getLogger("engine.server")
 
 # argparse dest -> EngineArgs field (same name); passed only when the flag was given.
 ENGINE_FLAGS = (
+    "speculative_config",
     "model",
     "tokenizer",
     "revision",
@@ -96,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--attention-backend", default=None)
     model.add_argument("--max-logprobs", type=int, default=None)
     model.add_argument("--scheduler", default=None)
+    model.add_argument(
+        "--speculative-config",
+        default=None,
+        help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
+        '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 3}\'',
+    )
 
     server = p.add_argument_group("server")
     server.add_argument(

@@ -99,6 +99,29 @@ class _EngineStatsCollector(Collector):
             "Requests preempted by the scheduler.",
             sched.num_preemptions_total,
         )
+        spec = stats.spec_decode
+        if spec is not None:
+            yield counter(
+                "vllm:spec_decode_num_drafts",
+                "Verification steps with at least one draft token.",
+                spec.num_drafts,
+            )
+            yield counter(
+                "vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", spec.num_draft_tokens
+            )
+            yield counter(
+                "vllm:spec_decode_num_accepted_tokens",
+                "Draft tokens accepted.",
+                spec.num_accepted_tokens,
+            )
+            per_position = CounterMetricFamily(
+                "vllm:spec_decode_num_accepted_tokens_per_pos",
+                "Draft tokens accepted, by position in the draft.",
+                labels=[*labels, "position"],
+            )
+            for position, accepted in enumerate(spec.accepted_per_position):
+                per_position.add_metric([*value, str(position)], accepted)
+            yield per_position
 
 
 class ServerMetrics:
@@ -181,5 +204,15 @@ class StatsLogger:
             f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
             f"Running: {sched.num_running} reqs, Waiting: {sched.num_waiting} reqs, "
             f"KV cache usage: {100.0 * sched.kv_cache_usage:.1f}%, "
-            f"Prefix cache hit rate: {hit_rate:.1f}%"
+            f"Prefix cache hit rate: {hit_rate:.1f}%" + _spec_decode_part(current, prev)
         )
+
+
+def _spec_decode_part(current: EngineStats, prev: EngineStats) -> str:
+    """ ", Draft acceptance rate: ..." for the interval, when speculative decoding is on."""
+    if current.spec_decode is None or prev.spec_decode is None:
+        return ""
+    drafted = current.spec_decode.num_draft_tokens - prev.spec_decode.num_draft_tokens
+    accepted = current.spec_decode.num_accepted_tokens - prev.spec_decode.num_accepted_tokens
+    rate = 100.0 * accepted / drafted if drafted else 0.0
+    return f", Draft acceptance rate: {rate:.1f}%"

@@ -16,6 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.sampler import (
+    TOP_P_CANDIDATES,
+    TOP_P_RACE_ROUNDS,
     Sampler,
     SamplingRow,
     apply_allowed_token_ids,
@@ -25,6 +27,8 @@ from engine.sampler import (
     apply_min_tokens,
     apply_penalties,
     apply_top_k_top_p,
+    draw_tokens,
+    exponential_noise,
     process_logits,
     sampling_distribution,
 )
@@ -103,11 +107,12 @@ def ref_top_k_keep(row, k):
 
 
 def ref_top_p_keep(row, top_p):
-    """A token stays when the tokens strictly more likely than it hold less than top_p."""
+    """A token stays when the tokens strictly more likely than it (by logit) hold less than
+    top_p of the probability."""
     probs = softmax(row)
     keep = []
-    for p in probs:
-        before = sum(q for q in probs if q > p)
+    for value in row:
+        before = sum(q for q, other in zip(probs, row, strict=True) if other > value)
         keep.append(None if abs(before - top_p) < EPS else bool(before < top_p))
     return keep
 
@@ -176,7 +181,8 @@ def rows_and_logits(draw, max_rows: int = 4):
             logit_bias=draw(
                 st.none() | st.dictionaries(token, st.floats(-100, 100, width=32), max_size=3)
             ),
-            min_tokens=draw(st.sampled_from([0, 0, 3, 20])),
+            # around the output's length, where the eos ban starts or stops
+            min_tokens=draw(st.sampled_from([0, max(len(output) - 1, 0), len(output) + 1, 20])),
             max_tokens=None,
             stop_token_ids=draw(st.lists(token, max_size=2)),
             ignore_eos=draw(st.booleans()),
@@ -218,8 +224,10 @@ def judged(got_row: np.ndarray, keep: list[bool | None]) -> None:
 
 
 @SETTINGS
-@given(rows_and_logits())
-def test_each_processor_matches_its_reference(case):
+@given(rows_and_logits(), st.integers(1, 12))
+def test_each_processor_matches_its_reference(case, num_candidates):
+    """num_candidates: how many tokens top-p searches before sorting the whole row (small values
+    exercise both the candidate search and the fallback on these small vocabularies)."""
     logits, rows = case
     raws = list(logits.numpy())
     assert_rows_close(
@@ -265,30 +273,35 @@ def test_each_processor_matches_its_reference(case):
 
     top_k = [vocab if r.params.top_k == -1 else min(r.params.top_k, vocab) for r in rows]
     top_p = [r.params.top_p for r in rows]
-    ours = apply_top_k_top_p(
-        logits, torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float64)
-    ).numpy()
-    for got_row, raw, k, p in zip(ours, raws, top_k, top_p, strict=True):
-        after_k = masked(raw, ref_top_k_keep(raw, k))
-        if p < 1:
-            judged(got_row, ref_top_p_keep(after_k, p))
-        else:
-            judged(got_row, [bool(x) for x in np.isfinite(after_k)])
-        assert np.isfinite(got_row).any()
+    for candidates in (num_candidates, TOP_P_CANDIDATES):
+        ours = apply_top_k_top_p(
+            logits, torch.tensor(top_k), torch.tensor(top_p, dtype=torch.float64), candidates
+        ).numpy()
+        for got_row, raw, k, p in zip(ours, raws, top_k, top_p, strict=True):
+            after_k = masked(raw, ref_top_k_keep(raw, k))
+            if p < 1:
+                judged(got_row, ref_top_p_keep(after_k, p))
+            else:
+                judged(got_row, [bool(x) for x in np.isfinite(after_k)])
+            assert np.isfinite(got_row).any()
 
 
 # ---- the whole pipeline, in the documented order -----------------------------------------------
 
 
 @SETTINGS
-@given(rows_and_logits())
-def test_pipeline_matches_reference_in_documented_order(case):
+@given(rows_and_logits(), st.sampled_from([0, 1, 2, TOP_P_RACE_ROUNDS]))
+def test_pipeline_matches_reference_in_documented_order(case, race_rounds):
+    """The probabilities, the greedy token and the drawn token (the race winner of the
+    reference distribution under the same noise, however many top-p race rounds are allowed
+    before the sort fallback) all follow the documented order."""
     logits, rows = case
     processed = process_logits(logits, rows)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
-    probs = (
-        sampling_distribution(processed[sampled], [rows[i] for i in sampled]) if sampled else None
-    )
+    sub_rows = [rows[i] for i in sampled]
+    probs = sampling_distribution(processed[sampled], sub_rows) if sampled else None
+    noise = exponential_noise(sub_rows, logits.shape[1], logits.dtype)
+    drawn = draw_tokens(processed[sampled], sub_rows, noise.clone(), race_rounds).tolist()
     tokens = [s.token_id for s in Sampler()(logits, rows)]
     for i, (raw, row) in enumerate(zip(logits.numpy(), rows, strict=True)):
         ref_logits, ref_probs = ref_distribution(raw, row)
@@ -298,8 +311,11 @@ def test_pipeline_matches_reference_in_documented_order(case):
             continue
         if ref_probs is None:
             continue  # a min-p / top-p cut within rounding distance
-        ours = probs[sampled.index(i)].numpy()
-        np.testing.assert_allclose(ours, ref_probs, atol=1e-9)
+        j = sampled.index(i)
+        np.testing.assert_allclose(probs[j].numpy(), ref_probs, atol=1e-9)
+        scores = ref_probs / noise[j].numpy()
+        if np.sort(scores)[-2] < scores.max() * (1 - 1e-9):  # no near-tie in the race
+            assert drawn[j] == tokens[i] == int(scores.argmax())
         assert ref_probs[tokens[i]] > 0  # the draw only picks tokens the distribution allows
 
 

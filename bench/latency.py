@@ -1,0 +1,153 @@
+"""Batch-1 decode speed: the engine and HF transformers `generate` against the memory bound.
+
+    OMP_NUM_THREADS=2 python bench/latency.py                    # SmolLM-135M-shaped
+    python bench/latency.py --quick                              # tiny model, seconds
+
+One request decodes --output-len tokens after a --prompt-len prompt. Decoding one token at batch
+1 reads every weight once (the linear layers, the LM head, the norms), so its speed is bound by
+memory bandwidth. The table gives decode tokens/s, the weight bytes read per second at that rate
+(plus the KV cache read, which is small at batch 1), and that figure as a fraction of the memory
+copy bandwidth measured in the same run (bytes read + written per second: what the memory system
+delivers).
+
+Engine: the time of each decode step (`LLMEngine.step()` after the prefill step), median over
+the run. HF: (time of generate(N tokens) - time of generate(1 token)) / (N - 1), best of 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import (
+    SMOLLM_SHAPE,
+    TINY_SHAPE,
+    best_time,
+    build_checkpoint,
+    format_table,
+    measure_bounds,
+    model_cost,
+)
+
+
+def engine_decode_seconds(path: Path, prompt: list[int], args: argparse.Namespace) -> float:
+    """Median seconds per decode step for one request."""
+    from engine import EngineArgs, LLMEngine, SamplingParams
+
+    engine = LLMEngine(
+        EngineArgs(
+            model=str(path),
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            attention_backend=args.attention_backend,
+            max_num_seqs=8,
+        )
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    step_times: list[float] = []
+    for run in range(2):  # the first run warms up
+        engine.add_request(f"r{run}", prompt, params)
+        engine.step()  # prefill (and the first token)
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            if run:
+                step_times.append(time.perf_counter() - start)
+    return statistics.median(step_times)
+
+
+def hf_decode_seconds(path: Path, prompt: list[int], args: argparse.Namespace) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    input_ids = torch.tensor([prompt])
+
+    def generate(n: int) -> None:
+        with torch.no_grad():
+            model.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+            )
+
+    one = best_time(lambda: generate(1), 3)
+    many = best_time(lambda: generate(args.output_len), 3)
+    return (many - one) / (args.output_len - 1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="checkpoint (default: SmolLM-135M-shaped)")
+    p.add_argument("--quick", action="store_true", help="tiny model, few tokens: a smoke run")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompt_len, args.output_len = min(args.prompt_len, 8), min(args.output_len, 8)
+        args.max_model_len = min(args.max_model_len, 512)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.model is not None:
+        path = Path(args.model)
+    else:
+        shape, name = (TINY_SHAPE, "tiny-llama") if args.quick else (SMOLLM_SHAPE, "smollm-135m")
+        path = build_checkpoint(shape, name)
+    from transformers import AutoConfig
+
+    hf_config = AutoConfig.from_pretrained(path)
+    cost = model_cost(hf_config, getattr(torch, args.dtype))
+    prompt = [3 + (i * 7919) % (hf_config.vocab_size - 3) for i in range(args.prompt_len)]
+    bounds = measure_bounds(quick=args.quick)
+    print(bounds.describe())
+    # KV bytes read per token at the mean context of the decode steps.
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    context = args.prompt_len + args.output_len / 2
+    element = torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
+    kv_bytes = 2 * cost.num_layers * kv_heads * cost.head_dim * element * context
+    read_bytes = cost.weight_bytes + kv_bytes
+    print(
+        f"model {path.name}: {cost.weight_bytes / 1e6:.0f} MB of weights read per token, "
+        f"{kv_bytes / 1e6:.1f} MB of KV cache at the mean context ({context:.0f} tokens); "
+        f"bound: {bounds.copy_bandwidth / read_bytes:.1f} tokens/s"
+    )
+    systems = [("engine", engine_decode_seconds(path, prompt, args))]
+    if not args.no_hf:
+        systems.append(("HF generate", hf_decode_seconds(path, prompt, args)))
+    rows = []
+    for name, seconds in systems:
+        rows.append(
+            [
+                name,
+                f"{seconds * 1e3:.1f}",
+                f"{1 / seconds:.1f}",
+                f"{read_bytes / seconds / 1e9:.1f}",
+                f"{read_bytes / seconds / bounds.copy_bandwidth:.0%}",
+                f"{seconds / systems[0][1]:.2f}x",
+            ]
+        )
+    print(
+        format_table(
+            ["system", "ms/token", "tokens/s", "GB/s read", "of copy bandwidth", "engine speedup"],
+            rows,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The engine's side of speculative decoding: after each step, propose drafts for the next one,
+and count what the verification accepted.
+
+Drafts are set on `Request.spec_token_ids` (and `spec_draft_probs` when a draft model sampled
+them); the scheduler schedules them after the request's pending token, the runner verifies them,
+and the scheduler rolls back the rejected ones. A proposal never makes a request exceed
+`max_tokens` or `max_model_len`: a step emits at most m + 1 tokens for m drafts, so
+m <= min(k, max_tokens - outputs - 1, max_model_len - tokens - 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.attention import AttentionBackend
+from engine.config import CacheConfig, ModelConfig, SpeculativeConfig
+from engine.request import Request, RequestStatus
+from engine.scheduler.interface import SampledToken, SchedulerOutput
+from engine.scheduler.kv_cache_manager import KVCacheManager
+from engine.spec_decode.draft_model import DraftInput, DraftModelProposer
+from engine.spec_decode.ngram import NgramProposer
+
+
+@dataclass(slots=True)
+class SpecDecodeStats:
+    """Totals since start-up, as vLLM's spec_decode metrics count them."""
+
+    num_drafts: int = 0  # verifications of at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [k]
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verification step (accepted drafts + the one the target adds)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    def snapshot(self) -> SpecDecodeStats:
+        return SpecDecodeStats(
+            self.num_drafts,
+            self.num_draft_tokens,
+            self.num_accepted_tokens,
+            list(self.accepted_per_position),
+        )
+
+
+def draft_room(request: Request, k: int) -> int:
+    """How many drafts the request may verify next step without overshooting its limits."""
+    room = min(k, request.max_model_len - request.num_tokens - 1)
+    max_tokens = request.sampling_params.max_tokens
+    if max_tokens is not None:
+        room = min(room, max_tokens - request.num_output_tokens - 1)
+    return max(room, 0)
+
+
+class Speculator:
+    def __init__(
+        self,
+        spec: SpeculativeConfig,
+        model_config: ModelConfig,
+        cache_config: CacheConfig,
+        backend: AttentionBackend,
+    ) -> None:
+        self.config = spec
+        self.k = spec.num_speculative_tokens
+        self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
+        self.ngram: NgramProposer | None = None
+        self.draft: DraftModelProposer | None = None
+        if spec.method == "ngram":
+            self.ngram = NgramProposer(self.k, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        else:
+            self.draft = DraftModelProposer(model_config, spec, cache_config, backend)
+
+    def record(
+        self, output: SchedulerOutput, sampled: dict[str, SampledToken | list[SampledToken]]
+    ) -> None:
+        """Counts the drafts verified in this step and how many were accepted."""
+        for item in output.scheduled:
+            num_drafts = len(item.spec_token_ids)
+            emitted = sampled.get(item.request.request_id)
+            if not num_drafts or not isinstance(emitted, list):
+                continue
+            accepted = len(emitted) - 1
+            self.stats.num_drafts += 1
+            self.stats.num_draft_tokens += num_drafts
+            self.stats.num_accepted_tokens += accepted
+            for position in range(accepted):
+                self.stats.accepted_per_position[position] += 1
+
+    def propose(self, output: SchedulerOutput, kv: KVCacheManager) -> None:
+        """Sets drafts for the next step on the requests this step advanced."""
+        if self.ngram is not None:
+            for item in output.scheduled:
+                request = item.request
+                if item.sample and request.status is RequestStatus.RUNNING:
+                    room = draft_room(request, self.k)
+                    request.spec_token_ids = self.ngram.propose(request.all_token_ids, room)
+            return
+        assert self.draft is not None
+        inputs: list[DraftInput] = []
+        for item in output.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # finished or preempted: its blocks may be gone
+            end, num_drafts = request.num_computed_tokens, 0
+            room = draft_room(request, self.k) if item.sample else 0
+            # The token just sampled and the drafts' own K/V need slots up to
+            # num_computed + room - 1; without them the draft only mirrors this step.
+            if room and kv.allocate_slots(request, 0, num_lookahead_tokens=room):
+                end, num_drafts = request.num_tokens, room
+            if end > item.num_computed_tokens:
+                inputs.append(
+                    DraftInput(
+                        request=request,
+                        block_ids=kv.block_ids(request.request_id),
+                        start=item.num_computed_tokens,
+                        end=end,
+                        num_drafts=num_drafts,
+                    )
+                )
+        by_id = {i.request.request_id: i.request for i in inputs}
+        for request_id, proposal in self.draft.run(inputs).items():
+            request = by_id[request_id]
+            request.spec_token_ids = proposal.token_ids
+            request.spec_draft_probs = proposal.probs

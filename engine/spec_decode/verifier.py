@@ -1,0 +1,148 @@
+"""Verification: the target's logits at a request's draft positions -> the tokens it emits.
+
+For a request verifying m drafts d_1..d_m, the runner computes logits at m + 1 rows: the last real
+token (whose logits give the distribution of d_1) and each draft. Row j is processed with the
+request's own sampling parameters as if d_1..d_j had already been generated (penalties and
+min_tokens see them), so p_j is exactly the distribution the non-speculative sampler would use at
+that output position. Then the rejection sampler keeps a prefix of the drafts and adds one token.
+
+Randomness is seeded per (request seed, output position) like the sampler's: the bonus or
+resampled token at output position t uses the same exponential noise a non-speculative step at t
+would, and the accept test draws its uniform from a separate stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.logprobs import logprob_entries
+from engine.request import Request
+from engine.sampler import (
+    SamplingRow,
+    exponential_noise,
+    position_seed,
+    process_logits,
+    sampling_distribution,
+    splitmix64,
+)
+from engine.scheduler.interface import SampledToken
+from engine.spec_decode.rejection_sampler import rejection_sample
+
+_ACCEPT_SEED_SALT = 0xACC3_97ED
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyItem:
+    request: Request
+    draft_token_ids: tuple[int, ...]  # m drafts; the runner supplies m + 1 logits rows
+    draft_probs: torch.Tensor | None  # [m, V] from a draft model that sampled; else None
+
+
+def verify_rows(item: VerifyItem) -> list[SamplingRow]:
+    """The m + 1 sampling rows of one request, row j seeing drafts d_1..d_j as outputs."""
+    request = item.request
+    return [
+        SamplingRow(
+            params=request.sampling_params,
+            sampling_seed=request.sampling_seed,
+            output_position=request.num_output_tokens + j,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=[*request.output_token_ids, *item.draft_token_ids[:j]],
+            eos_token_ids=request.eos_token_ids,
+            bad_words_token_ids=request.bad_words_token_ids,
+        )
+        for j in range(len(item.draft_token_ids) + 1)
+    ]
+
+
+def accept_uniforms(items: Sequence[VerifyItem], k: int, dtype: torch.dtype) -> torch.Tensor:
+    uniforms = torch.ones(len(items), max(k, 1), dtype=dtype)  # 1.0 never accepts (padding)
+    generator = torch.Generator(device="cpu")
+    for b, item in enumerate(items):
+        seed = splitmix64(item.request.sampling_seed ^ _ACCEPT_SEED_SALT)
+        for j in range(len(item.draft_token_ids)):
+            generator.manual_seed(position_seed(seed, item.request.num_output_tokens + j))
+            uniforms[b, j] = torch.rand((), generator=generator, dtype=dtype)
+    return uniforms[:, :k]
+
+
+def verify(logits: torch.Tensor, items: Sequence[VerifyItem]) -> list[list[SampledToken]]:
+    """logits: [sum(m_i + 1), V], each item's m_i + 1 rows in order. Returns, per item, the
+    tokens it emits (1 .. m_i + 1), each with its raw logprob (and top-N when asked)."""
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()
+    device, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
+    rows = [row for item in items for row in verify_rows(item)]
+    raw_logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
+    processed = process_logits(logits, rows)  # [R, V]
+    probs = torch.nn.functional.one_hot(processed.argmax(dim=-1), vocab).to(dtype)  # greedy
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if sampled:
+        probs[sampled] = sampling_distribution(processed[sampled], [rows[i] for i in sampled])
+    noise_rows = exponential_noise(rows, vocab, dtype).to(device)  # [R, V]
+
+    k = max(len(item.draft_token_ids) for item in items)
+    batch = len(items)
+    target = torch.zeros(batch, k + 1, vocab, dtype=dtype, device=device)
+    noise = torch.ones(batch, k + 1, vocab, dtype=dtype, device=device)
+    drafts = torch.zeros(batch, k, dtype=torch.int64, device=device)
+    any_q = any(item.draft_probs is not None for item in items)
+    draft_probs = torch.zeros(batch, k, vocab, dtype=dtype, device=device) if any_q else None
+    starts = []
+    row = 0
+    for b, item in enumerate(items):
+        m = len(item.draft_token_ids)
+        starts.append(row)
+        target[b, : m + 1] = probs[row : row + m + 1]
+        noise[b, : m + 1] = noise_rows[row : row + m + 1]
+        if m:
+            drafts[b, :m] = torch.tensor(item.draft_token_ids, device=device)
+            if draft_probs is not None:
+                if item.draft_probs is not None:
+                    draft_probs[b, :m] = item.draft_probs.to(device=device, dtype=dtype)
+                else:  # greedy or n-gram drafts: a one-hot draft distribution
+                    draft_probs[b, :m] = torch.nn.functional.one_hot(drafts[b, :m], vocab)
+        row += m + 1
+
+    emitted = rejection_sample(
+        target_probs=target,
+        draft_token_ids=drafts,
+        num_drafts=torch.tensor([len(i.draft_token_ids) for i in items], device=device),
+        draft_probs=draft_probs,
+        greedy=torch.tensor([i.request.sampling_params.greedy for i in items], device=device),
+        uniforms=accept_uniforms(items, k, dtype).to(device),
+        noise=noise,
+    )
+
+    # Logprobs of each emitted token at its own row.
+    emitted_rows = [starts[b] + j for b, tokens in enumerate(emitted) for j in range(len(tokens))]
+    emitted_ids = torch.tensor([t for tokens in emitted for t in tokens], device=device)
+    selected = raw_logprobs[emitted_rows]  # [E, V]
+    token_logprobs = selected.gather(1, emitted_ids[:, None])[:, 0].tolist()
+    want = [
+        items[b].request.sampling_params.logprobs
+        for b, tokens in enumerate(emitted)
+        for _ in tokens
+    ]
+    entries: list[dict | None] = [None] * len(want)
+    with_logprobs = [e for e, n in enumerate(want) if n is not None]
+    if with_logprobs:
+        built = logprob_entries(
+            selected[with_logprobs],
+            emitted_ids[with_logprobs],
+            [want[e] or 0 for e in with_logprobs],
+        )
+        for e, entry in zip(with_logprobs, built, strict=True):
+            entries[e] = entry
+
+    out: list[list[SampledToken]] = []
+    e = 0
+    for tokens in emitted:
+        out.append(
+            [SampledToken(t, token_logprobs[e + j], entries[e + j]) for j, t in enumerate(tokens)]
+        )
+        e += len(tokens)
+    return out
