@@ -288,28 +288,46 @@ class LLMEngine:
                 item.request.add_prompt_logprobs(first_index, entries)
 
     def _process_new_tokens(self, group: _Group, request: Request) -> None:
-        """Detokenizes the request's new tokens (one, or several after speculation) and ends
-        the request on a stop string."""
+        """Detokenizes the request's new tokens (one, or several after speculation) one at a
+        time and ends the request at the token whose text completes a stop string; accepted
+        drafts after that token are dropped, as if generated one by one."""
         index = request.sample_index
         detok = group.detokenizers[index]
-        num_new = request.num_output_tokens - len(detok.token_ids)
-        self.num_generation_tokens_total += num_new
-        delta = detok.add_tokens(request.output_token_ids[-num_new:])
-        if request.is_finished:
-            delta += detok.flush()
-        if request.logprobs:
-            for entry in request.logprobs[-num_new:]:
-                self.token_texts.fill(entry)
-        # As in vLLM, no stop string can end within the first min_tokens tokens' text.
-        check = request.num_output_tokens > request.sampling_params.min_tokens
-        stop = group.stop_checkers[index].append(delta, check=check)
-        if stop is None:
-            return
-        request.stop_reason = stop
-        if request.is_finished:  # it also hit a length limit or a stop token with this token
-            request.status = RequestStatus.FINISHED_STOPPED
-        else:
-            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+        checker = group.stop_checkers[index]
+        first_new = len(detok.token_ids)
+        new_tokens = request.output_token_ids[first_new:]
+        min_tokens = request.sampling_params.min_tokens
+        for offset, token_id in enumerate(new_tokens):
+            count = first_new + offset + 1  # output tokens up to and including this one
+            last = offset == len(new_tokens) - 1
+            delta = detok.add_tokens([token_id])
+            if last and request.is_finished:
+                delta += detok.flush()
+            if request.logprobs:
+                self.token_texts.fill(request.logprobs[count - 1])
+            # As in vLLM, no stop string can end within the first min_tokens tokens' text.
+            stop = checker.append(delta, check=count > min_tokens)
+            if stop is None:
+                continue
+            request.stop_reason = stop
+            if not last:
+                self._drop_outputs_after(request, count)
+            if request.is_finished:  # it also hit a length limit or a stop token
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            break
+        self.num_generation_tokens_total += request.num_output_tokens - first_new
+
+    @staticmethod
+    def _drop_outputs_after(request: Request, count: int) -> None:
+        if request.logprobs is not None:
+            for token_id, entry in zip(
+                request.output_token_ids[count:], request.logprobs[count:], strict=True
+            ):
+                request.cumulative_logprob -= entry[token_id].logprob
+            del request.logprobs[count:]
+        del request.output_token_ids[count:]
 
     def _make_output(self, group: _Group) -> RequestOutput:
         completions = []

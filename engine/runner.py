@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata
+from engine.attention import AttentionMetadata, pack_sequences
 from engine.kv_cache import LayerKVCache
 from engine.logprobs import logprob_entries
 from engine.request import PromptLogprobs
@@ -72,11 +72,8 @@ def prepare_inputs(
     block_size: int,
     device: torch.device,
 ) -> ModelInputs:
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slot_mapping: list[int] = []
-    query_start_loc = [0]
-    seq_lens: list[int] = []
+    sequences: list[tuple[list[int], int, tuple[int, ...]]] = []  # (new ids, start, blocks)
+    first_row = 0  # the packed row of the current request's first new token
     logits_indices: list[int] = []
     sampling_ids: list[str] = []
     sampling_rows: list[SamplingRow] = []
@@ -85,23 +82,14 @@ def prepare_inputs(
     prompt_spans: list[PromptLogprobsSpan] = []
     verify_indices: list[int] = []
     verify_items: list[VerifyItem] = []
-    max_blocks = max((len(s.block_ids) for s in scheduled), default=0)
-    block_table = torch.zeros(len(scheduled), max(max_blocks, 1), dtype=torch.int32)
 
-    for i, item in enumerate(scheduled):
+    for item in scheduled:
         request = item.request
         start, end = item.num_computed_tokens, item.seq_len
-        first_row = query_start_loc[-1]
         num_spec = len(item.spec_token_ids)
-        input_ids += request.token_ids_range(start, end - num_spec)
-        input_ids += item.spec_token_ids
-        positions += range(start, end)
-        slot_mapping += (
-            item.block_ids[p // block_size] * block_size + p % block_size for p in range(start, end)
-        )
-        query_start_loc.append(query_start_loc[-1] + item.num_new_tokens)
-        seq_lens.append(end)
-        block_table[i, : len(item.block_ids)] = torch.tensor(item.block_ids, dtype=torch.int32)
+        new_ids = request.token_ids_range(start, end - num_spec) + list(item.spec_token_ids)
+        sequences.append((new_ids, start, item.block_ids))
+        last = first_row + item.num_new_tokens - 1  # the packed row of the last new token
         if request.needs_prompt_logprobs:
             assert request.prompt_logprobs is not None
             # Positions p whose logits give the logprob of prompt token p + 1, starting at the
@@ -117,7 +105,6 @@ def prepare_inputs(
                     PromptLogprobsSpan(request.request_id, lo + 1, hi - lo, num_top)
                 )
         if item.sample and num_spec:
-            last = query_start_loc[-1] - 1
             verify_indices += range(last - num_spec, last + 1)
             # The budget may have cut the drafts short: keep their distributions in step.
             draft_probs = request.spec_draft_probs
@@ -125,7 +112,7 @@ def prepare_inputs(
                 draft_probs = draft_probs[:num_spec]
             verify_items.append(VerifyItem(request, item.spec_token_ids, draft_probs))
         elif item.sample:
-            logits_indices.append(query_start_loc[-1] - 1)
+            logits_indices.append(last)
             sampling_ids.append(request.request_id)
             sampling_rows.append(
                 SamplingRow(
@@ -138,24 +125,15 @@ def prepare_inputs(
                     bad_words_token_ids=request.bad_words_token_ids,
                 )
             )
+        first_row += item.num_new_tokens
 
     def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    meta = AttentionMetadata(
-        query_start_loc=tensor(query_start_loc, torch.int32),
-        seq_lens=tensor(seq_lens, torch.int32),
-        slot_mapping=tensor(slot_mapping, torch.int64),
-        block_table=block_table.to(device),
-        max_query_len=max((s.num_new_tokens for s in scheduled), default=0),
-        max_seq_len=max(seq_lens, default=0),
-        block_size=block_size,
-        query_start_loc_cpu=tuple(query_start_loc),
-        seq_lens_cpu=tuple(seq_lens),
-    )
+    input_ids, positions, meta = pack_sequences(sequences, block_size, device)
     return ModelInputs(
-        input_ids=tensor(input_ids, torch.int64),
-        positions=tensor(positions, torch.int64),
+        input_ids=input_ids,
+        positions=positions,
         meta=meta,
         logits_indices=tensor(logits_indices, torch.int64),
         sampling_request_ids=tuple(sampling_ids),

@@ -15,7 +15,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads on CI's two cores; OMP_NUM_THREADS (e.g. 1 when several jobs share the cores)
+# wins, as oversubscribed threads make small torch ops hundreds of times slower.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 # The config variants the engine must match HF on (architecture, overrides).
 ARCH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

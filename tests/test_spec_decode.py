@@ -172,3 +172,29 @@ def test_bench_spec_decode_runs_quick(tmp_path, monkeypatch, capsys):
     assert module.main(["--quick", "--batch-sizes", "2"]) == 0
     out = capsys.readouterr().out
     assert "ngram k=4" in out and "draft 1/2 layers" in out and "speed-up" in out
+
+
+def test_stop_string_inside_accepted_drafts(llama_path, tokenizer):
+    """A stop string completed by an accepted draft ends the output at that token, exactly as
+    without speculation (drafts after it are dropped with their logprobs)."""
+    plain = LLM(str(llama_path), dtype="float64", block_size=4)
+    free = plain.generate(
+        REPETITIVE[:1],
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    stop = free.text[len(free.text) // 2 :][:3]
+    assert stop.strip(), "the test needs visible text to stop on"
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], logprobs=1)
+    want = plain.generate(REPETITIVE[:1], params, use_tqdm=False)[0].outputs[0]
+    spec = {"method": "draft_model", "model": str(llama_path), "num_speculative_tokens": 4}
+    got = spec_llm(llama_path, spec).generate(REPETITIVE[:1], params, use_tqdm=False)[0].outputs[0]
+    assert want.finish_reason == "stop" and want.stop_reason == stop
+    assert (got.text, got.token_ids, got.finish_reason, got.stop_reason) == (
+        want.text,
+        want.token_ids,
+        want.finish_reason,
+        want.stop_reason,
+    )
+    assert len(got.logprobs) == len(got.token_ids)
+    assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-9)
