@@ -25,6 +25,7 @@ sampled position, divided by wall time and by the measured GEMM FLOP/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import random
 import sys
@@ -96,13 +97,45 @@ def run_engine(path: Path, workload: Workload, args: argparse.Namespace) -> floa
         SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in workload.output_lens
     ]
     llm.generate([workload.prompts[0]], params[0], use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outputs = llm.generate(workload.prompts, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    profiler = torch.profiler.profile() if args.profile else contextlib.nullcontext()
+    with profiler:
+        start = time.perf_counter()
+        outputs = llm.generate(workload.prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
     produced = [len(o.outputs[0].token_ids) for o in outputs]
     if produced != workload.output_lens:
         raise RuntimeError("the engine did not generate the requested number of tokens")
+    if args.profile:
+        print(profile_table(profiler, elapsed))
     return elapsed
+
+
+# torch ops by what they do in the engine's step, for --profile.
+_OP_KINDS = {
+    "aten::mm": "GEMM (linear layers, LM head)",
+    "aten::addmm": "GEMM (linear layers, LM head)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention kernel (SDPA)",
+    "aten::_scaled_dot_product_efficient_attention": "attention kernel (SDPA)",
+    "aten::_scaled_dot_product_flash_attention": "attention kernel (SDPA)",
+    "aten::index_select": "KV block gather (index_select)",
+}
+
+
+def profile_table(profiler: torch.profiler.profile, elapsed: float) -> str:
+    """Where the engine's wall time went: self time of torch ops by kind; the rest is Python
+    (scheduler, input preparation, sampling bookkeeping, detokenization)."""
+    seconds: dict[str, float] = {}
+    for event in profiler.key_averages():
+        kind = _OP_KINDS.get(event.key, "other torch ops")
+        seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6
+    seconds["Python outside torch ops"] = max(0.0, elapsed - sum(seconds.values()))
+    rows = [
+        [kind, f"{s:.2f}", f"{s / elapsed:.0%}"]
+        for kind, s in sorted(seconds.items(), key=lambda item: -item[1])
+    ]
+    return "engine profile (torch.profiler; wall time includes its overhead)\n" + format_table(
+        ["", "seconds", "of wall time"], rows
+    )
 
 
 def load_hf(path: Path, dtype: torch.dtype):
@@ -170,6 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch-size", type=int, default=16)
     p.add_argument("--hf-sequential-sample", type=int, default=32)
     p.add_argument("--no-hf", action="store_true", help="skip the HF baselines")
+    p.add_argument("--profile", action="store_true", help="print where the engine's time goes")
     args = p.parse_args(argv)
     if args.quick:
         args.num_requests = min(args.num_requests, 8)

@@ -8,7 +8,7 @@ decodes and prompt chunks without a per-request Python loop:
    context length, and cut into a few groups of similar shape (decodes with contexts of
    similar length together; prompt chunks of similar length together), so padding wastes little
    work. For each group the plan holds the block ids each request reads, the packed-token index
-   of every (padded) query slot, and a boolean visibility mask built from positions (causal,
+   of every (padded) query slot, and an additive visibility mask built from positions (causal,
    offset by the cached tokens, optionally a sliding window).
 2. Per layer and group: one gather of whole blocks through the block table (index_select of
    contiguous bs * Hkv * D runs), then one `scaled_dot_product_attention` over strided
@@ -46,7 +46,9 @@ class _Group:
     """Requests attended together: n requests, queries padded to Q, keys padded to S tokens."""
 
     block_ids: torch.Tensor  # [n, M] int64: blocks to gather, first one first; S = M * bs
-    visible: torch.Tensor  # [n, Q * G, S] bool: query row (q, g) may see key slot s
+    # [n, 1, Q * G, S] additive mask (0 where query row (q, g) may see key slot s, else -inf),
+    # in the query dtype: the kernel adds it as is (a boolean mask it would convert per layer).
+    attn_bias: torch.Tensor
     # Packed-token index of each padded query slot [n * Q]; None when the group is the whole
     # batch of one-token queries in packed order (the decode fast path: no gather/scatter).
     query_index: torch.Tensor | None
@@ -90,6 +92,7 @@ def build_plan(
     group: int,
     sliding_window: int | None,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> _Plan:
     """Everything the layers of one step share: groups, gather indices and masks."""
     qsl = meta.query_start_loc_cpu
@@ -108,6 +111,8 @@ def build_plan(
 
     block_table = meta.block_table.to("cpu", torch.int64)  # [B, max_blocks]
     members = group_requests(q_lens, k_lens, group)
+    if len(members) == 1:
+        members = [list(range(num_requests))]  # packed order: no query gather or scatter
 
     groups = []
     for rows in members:
@@ -136,7 +141,8 @@ def build_plan(
         if sliding_window is not None:
             visible &= (q_pos[:, :, None] - k_pos[:, None, :]) < sliding_window
         visible = visible[:, :, None, :].expand(n, q_max, group, visible.shape[-1])
-        visible = visible.reshape(n, q_max * group, -1)
+        visible = visible.reshape(n, 1, q_max * group, -1)
+        attn_bias = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
         if q_max == 1 and rows == list(range(num_requests)):
             query_index = valid_slots = valid_tokens = None
@@ -149,7 +155,7 @@ def build_plan(
         groups.append(
             _Group(
                 block_ids=block_ids.to(device),
-                visible=visible.to(device),
+                attn_bias=attn_bias.to(device),
                 query_index=query_index,
                 valid_slots=valid_slots,
                 valid_tokens=valid_tokens,
@@ -180,7 +186,7 @@ def _attend_group(
     k = k_cache.index_select(0, flat_ids).view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache.index_select(0, flat_ids).view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
-        q_grp, k, v, attn_mask=grp.visible[:, None], scale=scale
+        q_grp, k, v, attn_mask=grp.attn_bias, scale=scale
     )  # [n, Hkv, Q * G, D]
     return out.view(n, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
 
@@ -194,7 +200,7 @@ class TorchNativeAttention:
         # The plan of the step in flight, keyed by (metadata object, block size, window): every
         # layer of a step receives the same frozen AttentionMetadata object.
         self._plan_meta: AttentionMetadata | None = None
-        self._plans: dict[tuple[int, int, int | None], _Plan] = {}
+        self._plans: dict[tuple[int, int, int | None, torch.dtype], _Plan] = {}
 
     def write_kv(
         self,
@@ -207,14 +213,19 @@ class TorchNativeAttention:
         write_kv_to_cache(k, v, k_cache, v_cache, meta.slot_mapping)
 
     def plan(
-        self, meta: AttentionMetadata, block_size: int, group: int, sliding_window: int | None
+        self,
+        meta: AttentionMetadata,
+        block_size: int,
+        group: int,
+        sliding_window: int | None,
+        dtype: torch.dtype = torch.float32,
     ) -> _Plan:
         if meta is not self._plan_meta:
             self._plan_meta, self._plans = meta, {}
-        key = (block_size, group, sliding_window)
+        key = (block_size, group, sliding_window, dtype)
         if key not in self._plans:
             self._plans[key] = build_plan(
-                meta, block_size, group, sliding_window, meta.block_table.device
+                meta, block_size, group, sliding_window, meta.block_table.device, dtype
             )
         return self._plans[key]
 
@@ -230,7 +241,7 @@ class TorchNativeAttention:
         num_tokens, num_q_heads, head_dim = q.shape
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_q_heads // num_kv_heads
-        plan = self.plan(meta, block_size, group, sliding_window)
+        plan = self.plan(meta, block_size, group, sliding_window, q.dtype)
         q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
         if len(plan.groups) == 1 and plan.groups[0].query_index is None:
             out = _attend_group(q4, k_cache, v_cache, plan.groups[0], scale)

@@ -114,7 +114,18 @@ def test_default_engine_equals_reference(engines, workload):
 
 
 def test_counters(engines):
+    """A fixed workload that must preempt (12 requests growing to 36 tokens in 120 slots) and
+    share prefixes; the counters see it."""
     _, default, speculative = engines
+    requests = [
+        (
+            PREFIXES[i % 2] + [100 + i] * 6,
+            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        )
+        for i in range(12)
+    ]
+    for engine in (default, *speculative):
+        run(engine, requests, [], "counters")
     stats = default.get_stats()
     assert stats.scheduler.num_running == 0 and stats.scheduler.num_waiting == 0
     assert stats.scheduler.prefix_cache_queries_total > 0
@@ -123,4 +134,6 @@ def test_counters(engines):
     assert stats.prompt_tokens_total > 0 and stats.generation_tokens_total > 0
     for engine in speculative:
         spec = engine.get_stats().spec_decode
-        assert spec.num_drafts > 0 and 0 < spec.num_accepted_tokens < spec.num_draft_tokens
+        assert spec.num_drafts > 0 and spec.num_accepted_tokens <= spec.num_draft_tokens
+    draft_stats = speculative[1].get_stats().spec_decode
+    assert 0 < draft_stats.num_accepted_tokens < draft_stats.num_draft_tokens
