@@ -26,6 +26,7 @@ results agree with the reference to ~1e-15.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -171,6 +172,8 @@ def _attend_group(
     v_cache: torch.Tensor,
     grp: _Group,
     scale: float,
+    k_buf: torch.Tensor,  # [n * M, bs, Hkv, D] scratch for the gathered K
+    v_buf: torch.Tensor,
 ) -> torch.Tensor:  # [n, Q, Hkv, G, D] (a view; [n, Hkv, G, D] stays contiguous when Q == 1)
     num_kv_heads, group, head_dim = q.shape[1:]
     n, m_max = grp.block_ids.shape
@@ -183,8 +186,10 @@ def _attend_group(
     # One copy of whole blocks (contiguous runs of bs * Hkv * D elements); the [n, Hkv, S, D]
     # operands are strided views of it, which the attention kernel reads in place.
     flat_ids = grp.block_ids.reshape(-1)
-    k = k_cache.index_select(0, flat_ids).view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, flat_ids).view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
+    k = torch.index_select(k_cache, 0, flat_ids, out=k_buf)
+    v = torch.index_select(v_cache, 0, flat_ids, out=v_buf)
+    k = k.view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
+    v = v.view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q_grp, k, v, attn_mask=grp.attn_bias, scale=scale
     )  # [n, Hkv, Q * G, D]
@@ -201,6 +206,35 @@ class TorchNativeAttention:
         # layer of a step receives the same frozen AttentionMetadata object.
         self._plan_meta: AttentionMetadata | None = None
         self._plans: dict[tuple[int, int, int | None, torch.dtype], _Plan] = {}
+        # Gather scratch reused by every group, layer and step (grown to the largest need): a
+        # fresh tensor of this size per call costs page faults, 4x the gather itself at 200 MB.
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _scratch_like(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._scratch.get(name)
+        if (
+            buf is None
+            or buf.numel() < numel
+            or buf.dtype != like.dtype
+            or buf.device != like.device
+        ):
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            self._scratch[name] = buf
+        return buf[:numel].view(shape)
+
+    def _attend(
+        self,
+        q4: torch.Tensor,  # [T, Hkv, G, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        grp: _Group,
+        scale: float,
+    ) -> torch.Tensor:  # [n, Q, Hkv, G, D]
+        shape = (grp.block_ids.numel(), *k_cache.shape[1:])
+        k_buf = self._scratch_like("k", shape, k_cache)
+        v_buf = self._scratch_like("v", shape, v_cache)
+        return _attend_group(q4, k_cache, v_cache, grp, scale, k_buf, v_buf)
 
     def write_kv(
         self,
@@ -244,11 +278,11 @@ class TorchNativeAttention:
         plan = self.plan(meta, block_size, group, sliding_window, q.dtype)
         q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
         if len(plan.groups) == 1 and plan.groups[0].query_index is None:
-            out = _attend_group(q4, k_cache, v_cache, plan.groups[0], scale)
+            out = self._attend(q4, k_cache, v_cache, plan.groups[0], scale)
             return out.reshape(num_tokens, num_q_heads, head_dim)
         out = q.new_empty(num_tokens, num_kv_heads, group, head_dim)
         for grp in plan.groups:
-            res = _attend_group(q4, k_cache, v_cache, grp, scale)
+            res = self._attend(q4, k_cache, v_cache, grp, scale)
             res = res.reshape(-1, num_kv_heads, group, head_dim)  # [n * Q, Hkv, G, D]
             out.index_copy_(0, grp.valid_tokens, res.index_select(0, grp.valid_slots))
         return out.view(num_tokens, num_q_heads, head_dim)
