@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EngineArgs
+from engine.cpu_malloc import tune_cpu_allocator
 from engine.fast.registry import get_attention_backend
 from engine.kv_cache import allocate_kv_cache, create_cache_config
 from engine.logprobs import TokenTexts
@@ -74,6 +75,8 @@ class LLMEngine:
         self.args = args
         self.model_config = args.create_model_config()
         self.scheduler_config = args.create_scheduler_config(self.model_config)
+        if self.model_config.device.type == "cpu":
+            tune_cpu_allocator()  # before the first weights and activations are allocated
         self.cache_config = create_cache_config(args, self.model_config)
         self.tokenizer = load_tokenizer(
             self.model_config.tokenizer_path, trust_remote_code=args.trust_remote_code

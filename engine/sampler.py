@@ -374,9 +374,12 @@ class Sampler:
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         vocab, device = logits.shape[-1], logits.device
-        # Raw logprobs (step 1) are logits - logsumexp; the full [B, V] is built only for the
-        # rows that asked for top-N logprobs.
-        log_total = logits.logsumexp(dim=-1)  # [B]
+        # Raw logprobs (step 1) are logits - logsumexp, computed only for the rows that asked for
+        # logprobs (a logsumexp over [B, V] costs as much as the greedy argmax several times).
+        with_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        log_total = torch.full((len(rows),), float("nan"), dtype=logits.dtype, device=device)
+        if with_logprobs:
+            log_total[with_logprobs] = _take(logits, with_logprobs).logsumexp(dim=-1)  # [b]
 
         processed = process_logits(logits, rows)
         tokens = torch.zeros(len(rows), dtype=torch.int64, device=device)  # [B]
@@ -391,7 +394,6 @@ class Sampler:
 
         token_logprobs = (logits.gather(1, tokens[:, None])[:, 0] - log_total).tolist()  # [B]
         tokens_list = tokens.tolist()
-        with_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         entries = {}
         if with_logprobs:
             built = logprob_entries(

@@ -13,6 +13,10 @@ decodes and prompt chunks without a per-request Python loop:
 2. Per layer and group: one gather of whole blocks through the block table (index_select of
    contiguous bs * Hkv * D runs), then one `scaled_dot_product_attention` over strided
    [n, Hkv, S, D] views of it with the visibility mask.
+3. Decode groups (one query token per request, at most MAX_DECODE_KV_HEADS KV heads) are memory
+   bound, so they skip the V gather: K is gathered and scored by one batched GEMM, and an
+   `embedding_bag` (mode "sum" with per-sample weights) adds up the probability-weighted value
+   rows straight from the cache (`_attend_decode`).
 
 GQA is folded, not repeated: the G query heads that share a KV head become G extra query rows of
 that head ([n, Hkv, Q * G, D] against [n, Hkv, S, D]), so K/V are never materialised G times.
@@ -40,6 +44,9 @@ MAX_SCORE_ELEMENTS = 1 << 22
 # Context-length buckets are cut only between groups of at least this many requests: each group
 # costs a handful of kernel launches per layer, worth paying only to skip real padding.
 MIN_GROUP_SIZE = 8
+# Decode groups take the gather-free path (below) when the KV heads are at most this many: its
+# score GEMM computes all Hkv x Hkv head pairs and keeps the diagonal, Hkv times the useful work.
+MAX_DECODE_KV_HEADS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,11 @@ class _Group:
     valid_slots: torch.Tensor | None  # [T_group] int64: which of the n * Q slots are real
     valid_tokens: torch.Tensor | None  # [T_group] int64: their packed-token indices
     max_query_len: int  # Q
+    # Decode groups (Q == 1) only, when the plan knows the KV head count: row of the
+    # [N * bs * Hkv, D] value-cache view that each (request, KV head, query head, key slot)
+    # weights, flattened [n * Hkv * G * S] (int32), and the [n * Hkv * G] bag offsets into it.
+    value_rows: torch.Tensor | None = None
+    bag_offsets: torch.Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +106,10 @@ def build_plan(
     sliding_window: int | None,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    num_kv_heads: int | None = None,
 ) -> _Plan:
-    """Everything the layers of one step share: groups, gather indices and masks."""
+    """Everything the layers of one step share: groups, gather indices and masks. With
+    num_kv_heads, decode groups also get the value rows of the gather-free weighted sum."""
     qsl = meta.query_start_loc_cpu
     seq_lens = meta.seq_lens_cpu
     num_requests = len(seq_lens)
@@ -153,6 +167,15 @@ def build_plan(
             query_index = token.reshape(-1).to(device)
             valid_slots = real.nonzero()[:, 0].to(device)
             valid_tokens = token.reshape(-1)[real].to(device)
+        value_rows = bag_offsets = None
+        if q_max == 1 and num_kv_heads is not None and num_kv_heads <= MAX_DECODE_KV_HEADS:
+            seq = m_max * block_size
+            slots = block_ids[:, :, None] * block_size + torch.arange(block_size)  # [n, M, bs]
+            heads = torch.arange(num_kv_heads)[None, :, None, None]
+            rows = slots.reshape(n, 1, 1, seq) * num_kv_heads + heads  # [n, Hkv, 1, S]
+            rows = rows.expand(n, num_kv_heads, group, seq).reshape(-1)
+            value_rows = rows.to(device, torch.int32)
+            bag_offsets = torch.arange(0, rows.numel(), seq, dtype=torch.int32, device=device)
         groups.append(
             _Group(
                 block_ids=block_ids.to(device),
@@ -161,6 +184,8 @@ def build_plan(
                 valid_slots=valid_slots,
                 valid_tokens=valid_tokens,
                 max_query_len=q_max,
+                value_rows=value_rows,
+                bag_offsets=bag_offsets,
             )
         )
     return _Plan(groups=tuple(groups))
@@ -196,6 +221,41 @@ def _attend_group(
     return out.view(n, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
 
 
+def _attend_decode(
+    q: torch.Tensor,  # [T, Hkv, G, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    grp: _Group,
+    scale: float,
+    k_buf: torch.Tensor,  # [n * M, bs, Hkv, D] scratch for the gathered K
+) -> torch.Tensor:  # [n, 1, Hkv, G, D]
+    """One query token per request. Decode attention is memory bound (each key and value is
+    used by G query rows only), so this path reads the cache as few times as it can: K is
+    gathered once and scored by one batched GEMM; V is never gathered: an `embedding_bag`
+    sums the probability-weighted value rows straight out of the cache."""
+    num_kv_heads, group, head_dim = q.shape[1:]
+    n, m_max = grp.block_ids.shape
+    seq = m_max * k_cache.shape[1]
+    q_grp = q if grp.query_index is None else q.index_select(0, grp.query_index)
+    q_grp = q_grp.reshape(n, num_kv_heads * group, head_dim)
+    k = torch.index_select(k_cache, 0, grp.block_ids.reshape(-1), out=k_buf)
+    k = k.view(n, seq * num_kv_heads, head_dim)  # row s * Hkv + h: key slot s of KV head h
+    # Every query head against every KV head's keys: [n, Hkv * G, S * Hkv]; keep the pairs
+    # whose heads match (the diagonal), as [n, Hkv, G, S].
+    scores = torch.bmm(q_grp, k.transpose(1, 2)).view(n, num_kv_heads, group, seq, num_kv_heads)
+    scores = torch.diagonal(scores, dim1=1, dim2=4).permute(0, 3, 1, 2)
+    bias = grp.attn_bias[:, :, :1, :]  # [n, 1, 1, S]: the one query row's visibility
+    probs = torch.softmax(scores * scale + bias, dim=-1)  # [n, Hkv, G, S]
+    out = F.embedding_bag(
+        grp.value_rows,
+        v_cache.view(-1, head_dim),
+        grp.bag_offsets,
+        mode="sum",
+        per_sample_weights=probs.reshape(-1),
+    )  # [n * Hkv * G, D]
+    return out.view(n, 1, num_kv_heads, group, head_dim)
+
+
 class TorchNativeAttention:
     """Implements `engine.attention.AttentionBackend`, vectorised over the batch."""
 
@@ -205,7 +265,7 @@ class TorchNativeAttention:
         # The plan of the step in flight, keyed by (metadata object, block size, window): every
         # layer of a step receives the same frozen AttentionMetadata object.
         self._plan_meta: AttentionMetadata | None = None
-        self._plans: dict[tuple[int, int, int | None, torch.dtype], _Plan] = {}
+        self._plans: dict[tuple, _Plan] = {}
         # Gather scratch reused by every group, layer and step (grown to the largest need): a
         # fresh tensor of this size per call costs page faults, 4x the gather itself at 200 MB.
         self._scratch: dict[str, torch.Tensor] = {}
@@ -233,6 +293,8 @@ class TorchNativeAttention:
     ) -> torch.Tensor:  # [n, Q, Hkv, G, D]
         shape = (grp.block_ids.numel(), *k_cache.shape[1:])
         k_buf = self._scratch_like("k", shape, k_cache)
+        if grp.value_rows is not None:
+            return _attend_decode(q4, k_cache, v_cache, grp, scale, k_buf)
         v_buf = self._scratch_like("v", shape, v_cache)
         return _attend_group(q4, k_cache, v_cache, grp, scale, k_buf, v_buf)
 
@@ -253,13 +315,20 @@ class TorchNativeAttention:
         group: int,
         sliding_window: int | None,
         dtype: torch.dtype = torch.float32,
+        num_kv_heads: int | None = None,
     ) -> _Plan:
         if meta is not self._plan_meta:
             self._plan_meta, self._plans = meta, {}
-        key = (block_size, group, sliding_window, dtype)
+        key = (block_size, group, sliding_window, dtype, num_kv_heads)
         if key not in self._plans:
             self._plans[key] = build_plan(
-                meta, block_size, group, sliding_window, meta.block_table.device, dtype
+                meta,
+                block_size,
+                group,
+                sliding_window,
+                meta.block_table.device,
+                dtype,
+                num_kv_heads,
             )
         return self._plans[key]
 
@@ -275,7 +344,7 @@ class TorchNativeAttention:
         num_tokens, num_q_heads, head_dim = q.shape
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_q_heads // num_kv_heads
-        plan = self.plan(meta, block_size, group, sliding_window, q.dtype)
+        plan = self.plan(meta, block_size, group, sliding_window, q.dtype, num_kv_heads)
         q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
         if len(plan.groups) == 1 and plan.groups[0].query_index is None:
             out = self._attend(q4, k_cache, v_cache, plan.groups[0], scale)

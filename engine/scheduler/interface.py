@@ -57,7 +57,9 @@ class SampledToken:
     """The sampler's result for one request."""
 
     token_id: int
-    logprob: float  # of the raw distribution (before temperature / top-k / top-p)
+    # Of the raw distribution (before temperature / top-k / top-p); NaN when the request asked
+    # for no logprobs (the sampler skips the [B, V] normaliser then; nothing reports it).
+    logprob: float
     top_logprobs: dict[int, Logprob] | None = field(default=None)  # sampled token first
 
 

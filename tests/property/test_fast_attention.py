@@ -158,6 +158,19 @@ def test_torch_backend_equals_reference_float64(params, sliding_window, score_ca
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=40, deadline=None)
+@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)))
+def test_decodes_through_sdpa_equal_reference_float64(params, sliding_window):
+    """With more KV heads than MAX_DECODE_KV_HEADS, decode groups take the SDPA path."""
+    batch = make_batch(**params)
+    expected, _, _ = run_backend(_REFERENCE, batch, sliding_window)
+    with mock.patch.object(torch_native, "MAX_DECODE_KV_HEADS", 0):
+        backend = TorchNativeAttention()
+        out, _, _ = run_backend(backend, batch, sliding_window)
+        assert all(g.value_rows is None for g in backend._plans[next(iter(backend._plans))].groups)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
 @settings(max_examples=30, deadline=None)
 @given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)))
 def test_torch_backend_close_to_reference_float32(params, sliding_window):
@@ -182,8 +195,13 @@ def test_plan_is_shared_by_layers_and_rebuilt_for_a_new_step():
 
 def test_decode_only_batch_uses_the_gather_free_path():
     batch = make_batch([(9, 1), (30, 1), (1, 1)], 4, 3, 3, 8, seed=3)
-    plan = TorchNativeAttention().plan(batch.meta, 4, 3, None)
+    plan = TorchNativeAttention().plan(batch.meta, 4, 3, None, num_kv_heads=3)
     assert len(plan.groups) == 1 and plan.groups[0].query_index is None
+    # Decodes weight value rows straight out of the cache: 3 requests x 3 KV heads x 3 query
+    # heads per KV head, each over the group's 32 padded key slots (the longest context, 30
+    # tokens, fills 8 blocks of 4).
+    assert plan.groups[0].value_rows.shape == (3 * 3 * 3 * 32,)
+    assert plan.groups[0].bag_offsets.tolist() == list(range(0, 3 * 3 * 3 * 32, 32))
     expected, _, _ = run_backend(_REFERENCE, batch, None)
     out, _, _ = run_backend(TorchNativeAttention(), batch, None)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
