@@ -64,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--profile",
+        type=int,
+        nargs=2,
+        metavar=("BATCH", "CONTEXT"),
+        help="print where the fast backend's time goes at one cell (torch.profiler)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.batch_sizes, args.contexts, args.repeats = [1, 4], [32, 64], 2
@@ -117,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             rows,
         )
     )
+    if args.profile:
+        batch, context = args.profile
+        q, k_cache, v_cache, meta, _ = decode_batch(batch, context, args)
+        fast.forward(q, k_cache, v_cache, meta, scale)  # plan and scratch outside the profile
+        with torch.profiler.profile() as prof:
+            for _ in range(args.repeats):
+                fast.forward(q, k_cache, v_cache, meta, scale)
+        print(f"fast backend at batch {batch}, context {context}: {args.repeats} calls")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
     return 0
 
 

@@ -8,7 +8,9 @@ One request decodes --output-len tokens after a --prompt-len prompt. Decoding on
 memory bandwidth. The table gives decode tokens/s, the weight bytes read per second at that rate
 (plus the KV cache read, which is small at batch 1), and that figure as a fraction of the memory
 copy bandwidth measured in the same run (bytes read + written per second: what the memory system
-delivers).
+delivers). The "weight GEMMs alone" row times just the model's linear layers and LM head at one
+row, back to back with nothing in between, stored and called as the engine does (oneDNN-packed
+on CPU in float32): what the BLAS itself reaches here, the ceiling for any system that uses it.
 
 Engine: the time of each decode step (`LLMEngine.step()` after the prefill step), median over
 the run. HF: (time of generate(N tokens) - time of generate(1 token)) / (N - 1), best of 3.
@@ -83,6 +85,40 @@ def hf_decode_seconds(path: Path, prompt: list[int], args: argparse.Namespace) -
     return (many - one) / (args.output_len - 1)
 
 
+def gemv_only_seconds(hf_config, dtype: torch.dtype) -> float:
+    """Best time of the model's weight GEMMs alone at one row: every linear layer and the LM head,
+    stored as the engine stores them on CPU (column-major), fed a random row, nothing else in
+    between. This is what the BLAS delivers for batch-1 decode here: the engine's ceiling."""
+    hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
+    heads = hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // heads
+    layer = [
+        ((heads + 2 * kv_heads) * head_dim, hidden),  # fused q/k/v
+        (hidden, heads * head_dim),  # o
+        (2 * inter, hidden),  # fused gate/up
+        (hidden, inter),  # down
+    ]
+    from engine.models.llama import can_pack_for_cpu, onednn_linear, pack_weight
+
+    shapes = layer * hf_config.num_hidden_layers + [(hf_config.vocab_size, hidden)]
+    inputs = {i: torch.randn(1, i, dtype=dtype) for _, i in shapes}
+    if can_pack_for_cpu(dtype, torch.device("cpu")):  # as the engine's loader packs them
+        packed = [(i, pack_weight(torch.randn(o, i, dtype=dtype))) for o, i in shapes]
+
+        def chain() -> None:
+            for i, w in packed:
+                onednn_linear(inputs[i], w, None)
+    else:
+        weights = [torch.randn(i, o, dtype=dtype).t() for o, i in shapes]  # [out, in], col-major
+
+        def chain() -> None:
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+    return best_time(chain, 5)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="checkpoint (default: SmolLM-135M-shaped)")
@@ -126,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         f"bound: {bounds.copy_bandwidth / read_bytes:.1f} tokens/s"
     )
     systems = [("engine", engine_decode_seconds(path, prompt, args))]
+    systems.append(("weight GEMMs alone", gemv_only_seconds(hf_config, getattr(torch, args.dtype))))
     if not args.no_hf:
         systems.append(("HF generate", hf_decode_seconds(path, prompt, args)))
     rows = []

@@ -19,7 +19,9 @@ prompts are random token ids. Every system generates exactly each request's outp
 The table gives generated tokens/s, the engine's ratio to each HF mode, and the fraction of the
 fp32 GEMM FLOP bound (measured in the same run) reached over all tokens processed: the FLOPs of
 every forwarded token (linear layers and attention over its context) plus the LM head at every
-sampled position, divided by wall time and by the measured GEMM FLOP/s.
+sampled position, divided by wall time and by the measured GEMM FLOP/s. Its last row is that
+FLOP bound itself (every FLOP at the measured GEMM rate, nothing else), with the ratios to HF it
+would reach: no system can go faster, so it shows which speedup targets are reachable at all.
 """
 
 from __future__ import annotations
@@ -260,6 +262,18 @@ def main(argv: list[str] | None = None) -> int:
             f"{flops / engine_s / bounds.gemm_flops:.0%}",
         ]
     ]
+    # The best any system could do on this workload at the measured GEMM rate: all its FLOPs
+    # at full speed, nothing else. Ratios to HF above what this row shows are out of reach.
+    bound_s = flops / bounds.gemm_flops
+    bound_tps = workload.generated_tokens / bound_s
+    bound_row = [
+        "FLOP bound (no system beats it)",
+        f"{bound_s:.1f}",
+        f"{bound_tps:.1f}",
+        "",
+        "",
+        "",
+    ]
     if not args.no_hf:
         model = load_hf(path, dtype)
         step = max(1, len(workload.prompts) // args.hf_sequential_sample)
@@ -276,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             ]
         )
+        bound_row[3] = f"{bound_tps / seq_tps:.1f}x vs HF one-at-a-time"
         static_s = run_hf_static(model, workload, args.hf_batch_size)
         static_tps = workload.generated_tokens / static_s
         rows.append(
@@ -288,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
             ]
         )
+        bound_row[3] += f", {bound_tps / static_tps:.1f}x vs HF static"
+    rows.append(bound_row)
     print(
         format_table(
             ["system", "seconds", "gen tok/s", "engine speedup", "GFLOP/s", "of GEMM bound"],

@@ -61,3 +61,32 @@ def test_block_count_from_memory_budget(llama_path):
     cfg = llm.llm_engine.model_config
     per_block = 2 * cfg.num_layers * 16 * cfg.num_kv_heads * cfg.head_dim * 4  # fp32
     assert llm.llm_engine.cache_config.num_blocks == 2**20 // per_block
+
+
+def test_onednn_packed_linears_match_plain_ones(llama_path, monkeypatch):
+    """float32 on CPU: the loader packs every linear layer (and the tied head) for oneDNN and
+    frees the plain weights; outputs equal the plain-GEMM model's up to float32 rounding."""
+    from engine.models.llama import Linear
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    prompts = [[5, 6, 7, 8], [9] * 20, list(range(3, 40))]
+    packed_llm = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
+    model = packed_llm.llm_engine.model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.packed is not None and m.weight.shape[0] == 0 for m in linears)
+    assert model.lm_head is not None or model.packed_tied_head is not None
+    packed = packed_llm.generate(prompts, params, use_tqdm=False)
+
+    monkeypatch.setenv("ENGINE_ONEDNN_LINEAR", "0")
+    plain_llm = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
+    assert all(
+        m.packed is None and m.weight.shape[0] > 0
+        for m in plain_llm.llm_engine.model.modules()
+        if isinstance(m, Linear)
+    )
+    plain = plain_llm.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(packed, plain, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        lp_a = [next(iter(p.values())).logprob for p in a.outputs[0].logprobs]
+        lp_b = [next(iter(p.values())).logprob for p in b.outputs[0].logprobs]
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=1e-4, atol=1e-4)

@@ -64,9 +64,10 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend) -> torch.nn
         model_config.dtype,
         model_config.device,
     )
+    # Counted before loading: on CPU, loading may move linear weights into oneDNN's layout.
+    num_params = sum(p.numel() for p in model.parameters())
     model.load_weights(iterate_weights(checkpoint_files(model_config.model_path)))
     model.eval()
-    num_params = sum(p.numel() for p in model.parameters())
     logger.info(
         "loaded %s (%s, %.1fM parameters, %s) in %.2f s",
         model_config.model_path,
