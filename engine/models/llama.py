@@ -112,8 +112,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            # The same arithmetic in one fused op (no casts to make at this dtype).
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+            # transformers' arithmetic (no casts at this dtype), with in-place ops on the small
+            # temporaries: on CPU, F.rms_norm runs as a chain of out-of-place ops and costs 3-4x
+            # this at one row (about 3.5 ms of a SmolLM-135M batch-1 decode step).
+            scale = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # [T, 1]
+            return (x * scale).mul_(self.weight)
         # As transformers does: normalise in float32, cast back, then scale.
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
