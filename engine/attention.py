@@ -54,6 +54,7 @@ class AttentionBackend(Protocol):
     """
 
     name: str
+    supports_softcap: bool
 
     def write_kv(
         self,
@@ -74,11 +75,19 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         """Causal attention of each request's query over its whole context in the cache.
 
         A query token at position p sees keys at positions j with j <= p, and, with a sliding
-        window w, also p - j < w (Hugging Face's convention).
+        window w, also p - j < w (Hugging Face's convention). `scale` multiplies q.k (a model
+        picks it: head_dim ** -0.5, or Gemma's query_pre_attn_scalar ** -0.5). With `softcap`
+        c, the scaled scores s become c * tanh(s / c) before masking and softmax (Gemma 2's
+        attention-logit soft-capping); a backend that cannot do this has
+        `supports_softcap = False` and raises ValueError when asked.
+
+        Every argument may change from one layer to the next within a step (per-layer sliding
+        windows, soft-capping); backends cache per-step work keyed by them.
         """
         ...
 

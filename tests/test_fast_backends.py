@@ -3,11 +3,12 @@
 flash-attn: the adapter runs against a pure-torch emulation of `flash_attn_varlen_func` and
 `flash_attn_with_kvcache` written from their documented semantics; the emulation records every
 call and asserts the documented argument contract (int32 cu_seqlens and block tables, page size a
-multiple of 256 when paging, bottom-right causal masks, window_size=(left, right)), and its
-results must equal the reference backend's.
+multiple of 256 when paging, bottom-right causal masks, window_size=(left, right), softcap), and
+its results must equal the reference backend's, with and without soft-capping.
 
 xformers: the adapter runs against an emulation of `memory_efficient_attention` that materialises
-the real xformers attention-bias objects (pure Python, they work without CUDA) into dense masks.
+the real xformers attention-bias objects (pure Python, they work without CUDA) into dense masks;
+xformers cannot soft-cap, and says so.
 These tests skip when xformers is not installed (`pip install --no-deps xformers` is enough).
 
 Tests marked `cuda` run the real kernels against the reference; they skip without CUDA.
@@ -24,7 +25,7 @@ from engine.fast import registry
 from engine.fast.flash_attn import FlashAttnBackend, FlashAttnKernels, window_size
 from engine.fast.torch_native import TorchNativeAttention
 from engine.reference.attention import ReferenceAttention
-from tests.property.test_fast_attention import make_batch, mixed_batches, run_backend
+from tests.property.test_fast_attention import make_batch, mixed_batches, run_backend, softcaps
 
 # ---- registry ---------------------------------------------------------------------------------
 
@@ -72,6 +73,23 @@ def test_auto_on_cuda_prefers_flash_attn_then_xformers_then_torch(monkeypatch):
     assert registry.get_attention_backend("auto", cuda) == "flash-attn"
 
 
+def test_auto_skips_backends_that_cannot_softcap(monkeypatch):
+    class NoSoftcap:
+        supports_softcap = False
+
+    monkeypatch.setattr(
+        registry, "_build", lambda name: NoSoftcap() if name == "xformers" else _missing(name)
+    )
+    cuda = torch.device("cuda")
+    assert isinstance(registry.get_attention_backend("auto", cuda), NoSoftcap)
+    backend = registry.get_attention_backend("auto", cuda, needs_softcap=True)
+    assert isinstance(backend, TorchNativeAttention)
+
+
+def _missing(name):
+    raise ImportError(name)
+
+
 def test_engine_reports_a_cuda_backend_on_cpu(llama_path):
     from engine import LLM
 
@@ -82,16 +100,19 @@ def test_engine_reports_a_cuda_backend_on_cpu(llama_path):
 # ---- flash-attn contract ------------------------------------------------------------------------
 
 
-def dense_attention(q, k, v, scale, causal, window):
+def dense_attention(q, k, v, scale, causal, window, softcap=0.0):
     """flash-attn's documented semantics for one sequence: q [Sq, Hq, D], k/v [Sk, Hkv, D].
 
     Query i sees keys j <= i + Sk - Sq when causal, and with window (left, right) only keys in
-    [i + Sk - Sq - left, i + Sk - Sq + right]; head h reads KV head h // (Hq / Hkv)."""
+    [i + Sk - Sq - left, i + Sk - Sq + right]; head h reads KV head h // (Hq / Hkv); softcap > 0
+    turns scaled scores s into softcap * tanh(s / softcap)."""
     sq, sk = q.shape[0], k.shape[0]
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap > 0.0:
+        scores = softcap * torch.tanh(scores / softcap)
     diag = torch.arange(sq)[:, None] + sk - sq  # [Sq, 1]
     j = torch.arange(sk)[None, :]
     visible = torch.ones(sq, sk, dtype=torch.bool)
@@ -139,6 +160,7 @@ class FlashEmulation:
         softmax_scale=None,
         causal=False,
         window_size=(-1, -1),
+        softcap=0.0,
         block_table=None,
     ):
         self.calls.append(("varlen", dict(locals())))
@@ -160,7 +182,9 @@ class FlashEmulation:
             else:
                 kb = self._paged_keys(k, block_table, b, k_lens[b])
                 vb = self._paged_keys(v, block_table, b, k_lens[b])
-            out[q0:q1] = dense_attention(q[q0:q1], kb, vb, softmax_scale, causal, window_size)
+            out[q0:q1] = dense_attention(
+                q[q0:q1], kb, vb, softmax_scale, causal, window_size, softcap
+            )
         return out
 
     def with_kvcache(
@@ -175,6 +199,7 @@ class FlashEmulation:
         softmax_scale=None,
         causal=False,
         window_size=(-1, -1),
+        softcap=0.0,
     ):
         self.calls.append(("with_kvcache", dict(locals())))
         assert k is None and v is None  # the engine writes the cache itself
@@ -184,7 +209,7 @@ class FlashEmulation:
             length = int(cache_seqlens[b])
             kb = self._paged_keys(k_cache, block_table, b, length)
             vb = self._paged_keys(v_cache, block_table, b, length)
-            out[b] = dense_attention(q[b], kb, vb, softmax_scale, causal, window_size)
+            out[b] = dense_attention(q[b], kb, vb, softmax_scale, causal, window_size, softcap)
         return out
 
 
@@ -194,15 +219,20 @@ def test_window_size_follows_hf_convention():
 
 
 @settings(max_examples=60, deadline=None)
-@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)), st.sampled_from([1, 256]))
-def test_flash_adapter_equals_reference(params, sliding_window, paged_block_multiple):
+@given(
+    mixed_batches(),
+    st.one_of(st.none(), st.integers(1, 20)),
+    st.sampled_from([1, 256]),
+    softcaps,
+)
+def test_flash_adapter_equals_reference(params, sliding_window, paged_block_multiple, softcap):
     """paged_block_multiple=1 lets the emulation page over any block size (the adapter's paged
     path); 256 is the real constraint, which small blocks miss (the gathered path)."""
     emulation = FlashEmulation(paged_block_multiple)
     backend = FlashAttnBackend(emulation.kernels())
     batch = make_batch(**params)
-    expected, _, _ = run_backend(ReferenceAttention(), batch, sliding_window)
-    out, _, _ = run_backend(backend, batch, sliding_window)
+    expected, _, _ = run_backend(ReferenceAttention(), batch, sliding_window, softcap)
+    out, _, _ = run_backend(backend, batch, sliding_window, softcap)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
     (kind, args), *_ = emulation.calls
@@ -211,6 +241,7 @@ def test_flash_adapter_equals_reference(params, sliding_window, paged_block_mult
     assert kind == ("with_kvcache" if decode_only and paged else "varlen")
     assert args["causal"] is True and args["softmax_scale"] == batch.scale
     assert args["window_size"] == window_size(sliding_window)
+    assert args["softcap"] == (0.0 if softcap is None else softcap)
     if kind == "varlen":
         assert torch.equal(args["cu_seqlens_q"], batch.meta.query_start_loc)
         seq_lens = torch.tensor(batch.meta.seq_lens_cpu)
@@ -231,6 +262,27 @@ def test_flash_adapter_pages_over_256_token_blocks():
         out, _, _ = run_backend(backend, batch, None)
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         assert emulation.calls[-1][1]["block_table"] is batch.meta.block_table
+
+
+def test_flash_adapter_refuses_softcap_on_an_old_flash_attn():
+    emulation = FlashEmulation(1)
+    kernels = emulation.kernels()
+    old = FlashAttnKernels(
+        varlen=kernels.varlen,
+        with_kvcache=kernels.with_kvcache,
+        supported_dtypes=kernels.supported_dtypes,
+        paged_block_multiple=1,
+        supports_softcap=False,
+    )
+    backend = FlashAttnBackend(old)
+    assert backend.supports_softcap is False
+    batch = make_batch([(10, 10), (17, 1)], 4, 2, 2, 8, seed=0)
+    with pytest.raises(ValueError, match=r"needs flash-attn >= 2.6"):
+        run_backend(backend, batch, None, softcap=30.0)
+    out, _, _ = run_backend(backend, batch, None)  # models without a cap still run
+    expected, _, _ = run_backend(ReferenceAttention(), batch, None)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert all("softcap" not in args or args["softcap"] == 0.0 for _, args in emulation.calls)
 
 
 def test_flash_adapter_runs_unsupported_dtypes_on_the_torch_backend():
@@ -326,6 +378,18 @@ def test_xformers_adapter_equals_reference(params, sliding_window, paged_block_m
     assert bias.k_seqinfo.seqlen_py == list(batch.meta.seq_lens_cpu)
 
 
+def test_xformers_adapter_refuses_softcap():
+    from engine.fast.xformers import XformersBackend
+
+    ops, calls = xformers_ops(256)
+    backend = XformersBackend(ops)
+    assert backend.supports_softcap is False
+    batch = make_batch([(10, 10), (17, 1)], 4, 2, 2, 8, seed=0)
+    with pytest.raises(ValueError, match=r"'xformers' cannot soft-cap.*'flash-attn' or 'torch'"):
+        run_backend(backend, batch, None, softcap=50.0)
+    assert calls == []
+
+
 def test_xformers_adapter_runs_float64_on_the_torch_backend():
     from engine.fast.xformers import XformersBackend
 
@@ -370,3 +434,17 @@ def test_torch_backend_on_cuda_matches_reference():
     expected, _, _ = run_backend(ReferenceAttention(), batch, 24)
     out, _, _ = run_backend(TorchNativeAttention(), batch, 24)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize(("requests", "block_size", "sliding_window"), CUDA_CASES)
+def test_real_flash_attn_softcap_matches_reference(requests, block_size, sliding_window):
+    pytest.importorskip("flash_attn")
+    backend = registry.get_attention_backend("flash-attn", "cuda")
+    if not backend.supports_softcap:
+        pytest.skip("this flash-attn has no softcap (needs >= 2.6)")
+    batch = make_batch(requests, block_size, 2, 4, 64, seed=0, dtype=torch.bfloat16, device="cuda")
+    expected, _, _ = run_backend(ReferenceAttention(), batch, sliding_window, softcap=5.0)
+    out, _, _ = run_backend(backend, batch, sliding_window, softcap=5.0)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -20,6 +20,11 @@ torch-native backend, with one log line. Causal masks are bottom-right aligned (
 last q_len tokens of the context) and a sliding window w maps to window_size=(w - 1, 0), so a
 query at position p sees keys j with p - w < j <= p, as in Hugging Face.
 
+Soft-capping (Gemma 2) maps to the kernels' `softcap` argument (flash-attn >= 2.6); it is passed
+only when a layer asks for it, so older flash-attn still runs every other model, and a layer that
+needs it on a flash-attn without it is a ValueError naming the version needed. The torch fallback
+(unsupported dtypes) caps too.
+
 flash-attn is imported only when the backend is built without injected kernels, never at module
 import, so this module loads on any machine; tests inject a pure-torch emulation of the two
 functions (`FlashAttnKernels`) to check the arguments and results on CPU.
@@ -50,13 +55,20 @@ class FlashAttnKernels:
     with_kvcache: Callable[..., torch.Tensor]  # flash_attn_with_kvcache
     supported_dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16)
     paged_block_multiple: int = PAGED_BLOCK_MULTIPLE
+    supports_softcap: bool = True  # the kernels take `softcap` (flash-attn >= 2.6)
 
 
 def load_kernels() -> FlashAttnKernels:
     """The installed flash-attn's kernels; ImportError when flash-attn is missing or broken."""
+    import inspect
+
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-    return FlashAttnKernels(varlen=flash_attn_varlen_func, with_kvcache=flash_attn_with_kvcache)
+    return FlashAttnKernels(
+        varlen=flash_attn_varlen_func,
+        with_kvcache=flash_attn_with_kvcache,
+        supports_softcap="softcap" in inspect.signature(flash_attn_varlen_func).parameters,
+    )
 
 
 def window_size(sliding_window: int | None) -> tuple[int, int]:
@@ -93,6 +105,7 @@ class FlashAttnBackend:
 
     def __init__(self, kernels: FlashAttnKernels | None = None) -> None:
         self.kernels = kernels if kernels is not None else load_kernels()
+        self.supports_softcap = self.kernels.supports_softcap
         self._fallback = TorchNativeAttention()
         self._warned_dtype = False
         self._step_meta: AttentionMetadata | None = None
@@ -127,20 +140,29 @@ class FlashAttnBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         kernels = self.kernels
+        if softcap is not None and not kernels.supports_softcap:
+            raise ValueError(
+                "attention_backend 'flash-attn': this flash-attn has no soft-capping (the "
+                "model's attn_logit_softcapping needs flash-attn >= 2.6); upgrade it or use "
+                "attention_backend 'torch'"
+            )
         if q.dtype not in kernels.supported_dtypes:
             if not self._warned_dtype:
                 logger.warning(
                     "flash-attn does not run %s; attention runs on the torch backend", q.dtype
                 )
                 self._warned_dtype = True
-            return self._fallback.forward(q, k_cache, v_cache, meta, scale, sliding_window)
+            return self._fallback.forward(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
 
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         num_requests = meta.num_requests
         paged = block_size % kernels.paged_block_multiple == 0
         window = window_size(sliding_window)
+        # Passed only when set: flash-attn before 2.6 has no such argument.
+        extra = {} if softcap is None else {"softcap": softcap}
         if paged and meta.max_query_len == 1:
             out = kernels.with_kvcache(
                 q.view(num_requests, 1, q.shape[1], q.shape[2]),
@@ -151,6 +173,7 @@ class FlashAttnBackend:
                 softmax_scale=scale,
                 causal=True,
                 window_size=window,
+                **extra,
             )  # [B, 1, Hq, D]
             return out.view(q.shape)
 
@@ -175,4 +198,5 @@ class FlashAttnBackend:
             causal=True,
             window_size=window,
             block_table=block_table,
+            **extra,
         )  # [T, Hq, D]

@@ -4,6 +4,9 @@
 always on CPU) the vectorised torch backend. Naming flash-attn or xformers explicitly on a device
 without CUDA, or without the package installed, is a ValueError that says which.
 
+A model that soft-caps attention logits (Gemma 2) can say so (`needs_softcap=True`): `auto` then
+skips xformers, which cannot (the explicit name still builds it; the model refuses it at load).
+
 Invariant: flash-attn and xformers are imported only here, lazily, when they are asked for (or
 probed by `auto` on CUDA), never at import time, so the engine runs on machines without them.
 """
@@ -33,7 +36,9 @@ def _build(name: str) -> AttentionBackend:
     return XformersBackend()
 
 
-def get_attention_backend(name: str, device: torch.device | str) -> AttentionBackend:
+def get_attention_backend(
+    name: str, device: torch.device | str, needs_softcap: bool = False
+) -> AttentionBackend:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(
             f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {name!r}"
@@ -63,6 +68,9 @@ def get_attention_backend(name: str, device: torch.device | str) -> AttentionBac
                 backend = _build(candidate)
             except ImportError as e:
                 logger.info("attention backend %s unavailable: %s", candidate, e)
+                continue
+            if needs_softcap and not getattr(backend, "supports_softcap", True):
+                logger.info("attention backend %s cannot soft-cap; skipped", candidate)
                 continue
             logger.info("attention backend: %s", candidate)
             return backend

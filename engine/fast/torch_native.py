@@ -18,6 +18,11 @@ decodes and prompt chunks without a per-request Python loop:
    `embedding_bag` (mode "sum" with per-sample weights) adds up the probability-weighted value
    rows straight from the cache (`_attend_decode`).
 
+4. Soft-capping (Gemma 2): SDPA has no score hook, so a prompt group with `softcap` c runs the
+   same gathered views through explicit GEMMs: scores = q k^T * scale, c * tanh(scores / c),
+   + mask, softmax, @ v (`_attend_group_softcap`); the decode path caps its scores before its
+   softmax.
+
 GQA is folded, not repeated: the G query heads that share a KV head become G extra query rows of
 that head ([n, Hkv, Q * G, D] against [n, Hkv, S, D]), so K/V are never materialised G times.
 
@@ -37,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, write_kv_to_cache
+from engine.reference.attention import soft_cap
 
 # A group's padded visibility mask holds at most this many elements (n * Q * G * S); bigger
 # prompt batches are split so masks and padded work stay small (one long request may exceed it).
@@ -221,6 +227,38 @@ def _attend_group(
     return out.view(n, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
 
 
+def _attend_group_softcap(
+    q: torch.Tensor,  # [T, Hkv, G, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    grp: _Group,
+    scale: float,
+    softcap: float,
+    k_buf: torch.Tensor,  # [n * M, bs, Hkv, D] scratch for the gathered K
+    v_buf: torch.Tensor,
+) -> torch.Tensor:  # [n, Q, Hkv, G, D] (a view)
+    """`_attend_group` with soft-capped scores, in explicit GEMMs (SDPA cannot cap)."""
+    num_kv_heads, group, head_dim = q.shape[1:]
+    n, m_max = grp.block_ids.shape
+    q_max = grp.max_query_len
+    seq = m_max * k_cache.shape[1]
+    q_grp = q if grp.query_index is None else q.index_select(0, grp.query_index)
+    q_grp = q_grp.view(n, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
+    q_grp = q_grp.reshape(n, num_kv_heads, q_max * group, head_dim)
+    flat_ids = grp.block_ids.reshape(-1)
+    k = torch.index_select(k_cache, 0, flat_ids, out=k_buf)
+    v = torch.index_select(v_cache, 0, flat_ids, out=v_buf)
+    k = k.view(n, seq, num_kv_heads, head_dim).permute(0, 2, 3, 1)  # [n, Hkv, D, S]
+    v = v.view(n, seq, num_kv_heads, head_dim).transpose(1, 2)  # [n, Hkv, S, D]
+    # Scores in float32 at least, as SDPA's fused kernel accumulates them.
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(q_grp.to(compute), k.to(compute)) * scale  # [n, Hkv, Q * G, S]
+    scores = soft_cap(scores, softcap) + grp.attn_bias
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.to(compute)).to(q.dtype)  # [n, Hkv, Q * G, D]
+    return out.view(n, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
+
+
 def _attend_decode(
     q: torch.Tensor,  # [T, Hkv, G, D]
     k_cache: torch.Tensor,  # [N, bs, Hkv, D]
@@ -228,6 +266,7 @@ def _attend_decode(
     grp: _Group,
     scale: float,
     k_buf: torch.Tensor,  # [n * M, bs, Hkv, D] scratch for the gathered K
+    softcap: float | None = None,
 ) -> torch.Tensor:  # [n, 1, Hkv, G, D]
     """One query token per request. Decode attention is memory bound (each key and value is
     used by G query rows only), so this path reads the cache as few times as it can: K is
@@ -245,7 +284,7 @@ def _attend_decode(
     scores = torch.bmm(q_grp, k.transpose(1, 2)).view(n, num_kv_heads, group, seq, num_kv_heads)
     scores = torch.diagonal(scores, dim1=1, dim2=4).permute(0, 3, 1, 2)
     bias = grp.attn_bias[:, :, :1, :]  # [n, 1, 1, S]: the one query row's visibility
-    probs = torch.softmax(scores * scale + bias, dim=-1)  # [n, Hkv, G, S]
+    probs = torch.softmax(soft_cap(scores * scale, softcap) + bias, dim=-1)  # [n, Hkv, G, S]
     out = F.embedding_bag(
         grp.value_rows,
         v_cache.view(-1, head_dim),
@@ -260,6 +299,7 @@ class TorchNativeAttention:
     """Implements `engine.attention.AttentionBackend`, vectorised over the batch."""
 
     name = "torch"
+    supports_softcap = True
 
     def __init__(self) -> None:
         # The plan of the step in flight, keyed by (metadata object, block size, window): every
@@ -290,12 +330,15 @@ class TorchNativeAttention:
         v_cache: torch.Tensor,
         grp: _Group,
         scale: float,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [n, Q, Hkv, G, D]
         shape = (grp.block_ids.numel(), *k_cache.shape[1:])
         k_buf = self._scratch_like("k", shape, k_cache)
         if grp.value_rows is not None:
-            return _attend_decode(q4, k_cache, v_cache, grp, scale, k_buf)
+            return _attend_decode(q4, k_cache, v_cache, grp, scale, k_buf, softcap)
         v_buf = self._scratch_like("v", shape, v_cache)
+        if softcap is not None:
+            return _attend_group_softcap(q4, k_cache, v_cache, grp, scale, softcap, k_buf, v_buf)
         return _attend_group(q4, k_cache, v_cache, grp, scale, k_buf, v_buf)
 
     def write_kv(
@@ -340,6 +383,7 @@ class TorchNativeAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         num_tokens, num_q_heads, head_dim = q.shape
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -347,11 +391,11 @@ class TorchNativeAttention:
         plan = self.plan(meta, block_size, group, sliding_window, q.dtype, num_kv_heads)
         q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
         if len(plan.groups) == 1 and plan.groups[0].query_index is None:
-            out = self._attend(q4, k_cache, v_cache, plan.groups[0], scale)
+            out = self._attend(q4, k_cache, v_cache, plan.groups[0], scale, softcap)
             return out.reshape(num_tokens, num_q_heads, head_dim)
         out = q.new_empty(num_tokens, num_kv_heads, group, head_dim)
         for grp in plan.groups:
-            res = self._attend(q4, k_cache, v_cache, grp, scale)
+            res = self._attend(q4, k_cache, v_cache, grp, scale, softcap)
             res = res.reshape(-1, num_kv_heads, group, head_dim)  # [n * Q, Hkv, G, D]
             out.index_copy_(0, grp.valid_tokens, res.index_select(0, grp.valid_slots))
         return out.view(num_tokens, num_q_heads, head_dim)

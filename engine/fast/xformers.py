@@ -19,6 +19,10 @@ over G, so K/V are never copied per query head. Causality is "with offset" (bott
 aligned): a request's queries are the last q_len tokens of its context. float64 is not supported
 by the kernels and goes to the torch-native backend.
 
+Soft-capping (Gemma 2's attention-logit cap) is refused: memory_efficient_attention has no score
+hook, so `supports_softcap` is False and a forward with `softcap` raises a ValueError that names
+the backends that can (flash-attn, torch); a model that needs it checks this when it is built.
+
 xformers is imported only when the backend is built without injected ops; tests inject an
 emulation of `memory_efficient_attention` that materialises the real bias objects (pure Python,
 available without CUDA) into dense masks.
@@ -38,6 +42,11 @@ from engine.attention import AttentionMetadata, write_kv_to_cache
 from engine.fast.torch_native import TorchNativeAttention
 
 logger = logging.getLogger(__name__)
+
+SOFTCAP_UNSUPPORTED = (
+    "attention_backend 'xformers' cannot soft-cap attention logits (the model's "
+    "attn_logit_softcapping); use attention_backend 'flash-attn' or 'torch'"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,7 @@ class XformersBackend:
     """Implements `engine.attention.AttentionBackend` with xformers' memory-efficient attention."""
 
     name = "xformers"
+    supports_softcap = False
 
     def __init__(self, ops: XformersOps | None = None) -> None:
         self.ops = ops if ops is not None else load_ops()
@@ -131,7 +141,10 @@ class XformersBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
+        if softcap is not None:
+            raise ValueError(SOFTCAP_UNSUPPORTED)
         if q.dtype not in self.ops.supported_dtypes:
             if not self._warned_dtype:
                 logger.warning(

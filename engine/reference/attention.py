@@ -4,6 +4,9 @@ For each request the context's K/V are gathered block by block into a dense [S, 
 and plain softmax attention runs over it with a causal mask offset by the number of tokens that
 were already cached before this step. Scores and softmax are computed in float32 (float64 when the
 model runs in float64), whatever the cache dtype.
+
+Soft-capping (Gemma 2's `attn_logit_softcapping` c): scaled scores s become c * tanh(s / c)
+before the mask and the softmax, bounding every logit to (-c, c).
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ def gather_context(
     return torch.cat(blocks, dim=0)[:seq_len]
 
 
+def soft_cap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """c * tanh(scores / c), or the scores unchanged when softcap is None."""
+    if softcap is None:
+        return scores
+    return torch.tanh(scores / softcap) * softcap
+
+
 def attention_mask(
     query_positions: torch.Tensor,  # [Q]
     key_positions: torch.Tensor,  # [S]
@@ -38,6 +48,7 @@ class ReferenceAttention:
     """Implements `engine.attention.AttentionBackend` in the plainest way."""
 
     name = "reference"
+    supports_softcap = True
 
     def write_kv(
         self,
@@ -57,6 +68,7 @@ class ReferenceAttention:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         num_q_heads = q.shape[1]
@@ -79,6 +91,7 @@ class ReferenceAttention:
             q_i = q[q_start:q_end].to(compute_dtype)  # [Q, Hq, D]
 
             scores = torch.einsum("qhd,khd->hqk", q_i, k) * scale  # [Hq, Q, S]
+            scores = soft_cap(scores, softcap)
             # The query tokens are the last q_len tokens of the context.
             query_positions = torch.arange(seq_len - q_len, seq_len, device=q.device)
             key_positions = torch.arange(seq_len, device=q.device)

@@ -2,8 +2,11 @@
 
 Hypothesis draws mixed batches: decodes next to prompt chunks whose earlier tokens are already
 cached (chunk offsets), GQA ratios, block sizes, sliding windows and a shuffled block table with
-spare blocks full of garbage that must never be read. Both backends write the new K/V through the
-slot mapping into copies of one cache and attend over it; float64 results must agree to 1e-12.
+spare blocks full of garbage that must never be read, with and without attention-logit
+soft-capping (Gemma 2). Both backends write the new K/V through the slot mapping into copies of
+one cache and attend over it; float64 results must agree to 1e-12. One step's layers may differ
+in window and soft-cap (Gemma 2 alternates sliding and global layers): the per-layer test runs
+several such layers on one backend instance and one metadata object.
 
 `make_batch` is shared with tests/test_fast_backends.py (the flash-attn and xformers contracts).
 """
@@ -101,12 +104,21 @@ def make_batch(
     )
 
 
-def run_backend(backend, batch: Batch, sliding_window: int | None) -> tuple[torch.Tensor, ...]:
+def run_backend(
+    backend, batch: Batch, sliding_window: int | None, softcap: float | None = None
+) -> tuple[torch.Tensor, ...]:
     """write_kv then forward on private copies of the batch's cache."""
     k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
     backend.write_kv(batch.k, batch.v, k_cache, v_cache, batch.meta)
-    out = backend.forward(batch.q, k_cache, v_cache, batch.meta, batch.scale, sliding_window)
+    kwargs = {} if softcap is None else {"softcap": softcap}
+    out = backend.forward(
+        batch.q, k_cache, v_cache, batch.meta, batch.scale, sliding_window, **kwargs
+    )
     return out, k_cache, v_cache
+
+
+# None, or caps from strong (most scores squashed) to weak (about the identity).
+softcaps = st.sampled_from([None, 0.7, 3.0, 50.0])
 
 
 @st.composite
@@ -145,40 +157,75 @@ _REFERENCE = ReferenceAttention()
     mixed_batches(),
     st.one_of(st.none(), st.integers(1, 20)),
     st.sampled_from([None, 64, 512]),
+    softcaps,
 )
-def test_torch_backend_equals_reference_float64(params, sliding_window, score_cap):
+def test_torch_backend_equals_reference_float64(params, sliding_window, score_cap, softcap):
     batch = make_batch(**params)
-    expected, ref_k, ref_v = run_backend(_REFERENCE, batch, sliding_window)
+    expected, ref_k, ref_v = run_backend(_REFERENCE, batch, sliding_window, softcap)
     if score_cap is None:
-        out, k_cache, v_cache = run_backend(_TORCH, batch, sliding_window)
+        out, k_cache, v_cache = run_backend(_TORCH, batch, sliding_window, softcap)
     else:  # tiny caps force prompt chunks into several groups
         with mock.patch.object(torch_native, "MAX_SCORE_ELEMENTS", score_cap):
-            out, k_cache, v_cache = run_backend(TorchNativeAttention(), batch, sliding_window)
+            backend = TorchNativeAttention()
+            out, k_cache, v_cache = run_backend(backend, batch, sliding_window, softcap)
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=40, deadline=None)
-@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)))
-def test_decodes_through_sdpa_equal_reference_float64(params, sliding_window):
-    """With more KV heads than MAX_DECODE_KV_HEADS, decode groups take the SDPA path."""
+@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)), softcaps)
+def test_decodes_through_sdpa_equal_reference_float64(params, sliding_window, softcap):
+    """With more KV heads than MAX_DECODE_KV_HEADS, decode groups take the SDPA path (or, with
+    a soft-cap, its explicit-GEMM twin)."""
     batch = make_batch(**params)
-    expected, _, _ = run_backend(_REFERENCE, batch, sliding_window)
+    expected, _, _ = run_backend(_REFERENCE, batch, sliding_window, softcap)
     with mock.patch.object(torch_native, "MAX_DECODE_KV_HEADS", 0):
         backend = TorchNativeAttention()
-        out, _, _ = run_backend(backend, batch, sliding_window)
+        out, _, _ = run_backend(backend, batch, sliding_window, softcap)
         assert all(g.value_rows is None for g in backend._plans[next(iter(backend._plans))].groups)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=30, deadline=None)
-@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)))
-def test_torch_backend_close_to_reference_float32(params, sliding_window):
+@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)), softcaps)
+def test_torch_backend_close_to_reference_float32(params, sliding_window, softcap):
     batch = make_batch(**params, dtype=torch.float32)
-    expected, _, _ = run_backend(_REFERENCE, batch, sliding_window)
-    out, _, _ = run_backend(_TORCH, batch, sliding_window)
+    expected, _, _ = run_backend(_REFERENCE, batch, sliding_window, softcap)
+    out, _, _ = run_backend(_TORCH, batch, sliding_window, softcap)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# A step's layers, as Gemma 2 and 3 build them: sliding and global layers alternate, each with
+# its own window (and, in Gemma 2, every layer soft-capped).
+layer_specs = st.lists(
+    st.tuples(st.one_of(st.none(), st.integers(1, 20)), softcaps), min_size=2, max_size=4
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(mixed_batches(), layer_specs)
+def test_per_layer_windows_and_softcaps_equal_reference(params, layers):
+    """One backend instance, one metadata object, several layers that differ in window and
+    soft-cap: each layer's output equals the reference's for its own settings (the per-step plan
+    cache must key on them)."""
+    batch = make_batch(**params)
+    backend = TorchNativeAttention()
+    for sliding_window, softcap in layers + layers:  # revisits cached plans too
+        expected, _, _ = run_backend(_REFERENCE, batch, sliding_window, softcap)
+        out, _, _ = run_backend(backend, batch, sliding_window, softcap)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_softcap_changes_the_output():
+    """The cap is applied (a backend ignoring it would pass the equality tests only with the
+    reference ignoring it too)."""
+    batch = make_batch([(20, 1), (9, 9)], 4, 2, 2, 8, seed=4)
+    plain, _, _ = run_backend(_TORCH, batch, None)
+    capped, _, _ = run_backend(_TORCH, batch, None, softcap=0.7)
+    assert not torch.allclose(plain, capped, atol=1e-3)
+    weak, _, _ = run_backend(_TORCH, batch, None, softcap=1e6)  # tanh(s / c) * c ~ s
+    torch.testing.assert_close(weak, plain, rtol=1e-8, atol=1e-8)
 
 
 def test_plan_is_shared_by_layers_and_rebuilt_for_a_new_step():

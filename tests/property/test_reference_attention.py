@@ -1,7 +1,8 @@
 """Reference paged attention equals dense causal attention on the same K/V.
 
 Hypothesis draws request lengths (with part of each context already cached), head counts with
-GQA ratios, block sizes and a shuffled block assignment; the K/V are written through the slot
+GQA ratios, block sizes, sliding windows, attention-logit soft-caps (Gemma 2) and a shuffled
+block assignment; the K/V are written through the slot
 mapping, so the test also checks the write path and the block-table gather.
 """
 
@@ -15,12 +16,15 @@ from engine.attention import AttentionMetadata
 from engine.reference.attention import ReferenceAttention
 
 
-def dense_causal_attention(q, k, v, scale, q_offset, sliding_window=None):
-    """q [Q, Hq, D], k/v [S, Hkv, D]; query i sits at position q_offset + i."""
+def dense_causal_attention(q, k, v, scale, q_offset, sliding_window=None, softcap=None):
+    """q [Q, Hq, D], k/v [S, Hkv, D]; query i sits at position q_offset + i. With softcap c,
+    scores s become c * tanh(s / c) (HF Gemma 2's eager attention)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     qpos = torch.arange(q.shape[0])[:, None] + q_offset
     kpos = torch.arange(k.shape[0])[None, :]
     mask = kpos <= qpos
@@ -42,14 +46,15 @@ def batches(draw):
         q_len = draw(st.integers(1, seq_len))  # the rest was cached by earlier steps
         requests.append((seq_len, q_len))
     window = draw(st.one_of(st.none(), st.integers(1, 20)))
+    softcap = draw(st.sampled_from([None, 0.5, 2.0, 30.0]))
     seed = draw(st.integers(0, 2**31 - 1))
-    return block_size, num_kv_heads, group, head_dim, requests, window, seed
+    return block_size, num_kv_heads, group, head_dim, requests, window, softcap, seed
 
 
 @settings(max_examples=60, deadline=None)
 @given(batches())
 def test_reference_paged_equals_dense(batch):
-    block_size, num_kv_heads, group, head_dim, requests, window, seed = batch
+    block_size, num_kv_heads, group, head_dim, requests, window, softcap, seed = batch
     gen = torch.Generator().manual_seed(seed)
     dtype = torch.float64
     num_q_heads = num_kv_heads * group
@@ -105,10 +110,10 @@ def test_reference_paged_equals_dense(batch):
     )
     scale = head_dim**-0.5
     backend.write_kv(torch.cat(new_k), torch.cat(new_v), k_cache, v_cache, meta)
-    out = backend.forward(torch.cat(queries), k_cache, v_cache, meta, scale, window)
+    out = backend.forward(torch.cat(queries), k_cache, v_cache, meta, scale, window, softcap)
 
     for i, ((seq_len, q_len), k, v, q) in enumerate(
         zip(requests, contexts_k, contexts_v, queries, strict=True)
     ):
-        expected = dense_causal_attention(q, k, v, scale, seq_len - q_len, window)
+        expected = dense_causal_attention(q, k, v, scale, seq_len - q_len, window, softcap)
         torch.testing.assert_close(out[qsl[i] : qsl[i + 1]], expected, rtol=1e-12, atol=1e-12)
