@@ -14,9 +14,14 @@ Invariants:
 * A request is registered in the stream table before its add command is queued, so no output
   can arrive for an unknown stream; it leaves the table when its last output is dispatched, when
   it fails, or when its stream is closed (which queues an abort, freeing its blocks at once).
-* `num_waiting_requests` counts requests accepted here that have not produced their first output
-  yet (queued adds included); `add_request` refuses with `QueueFullError` beyond
-  `max_waiting_requests`, so a flood of clients cannot grow an unbounded queue.
+* `num_waiting_requests` counts the *samples* (`n` per request) of requests accepted here that
+  have not produced their first output yet (queued adds included); `add_request` refuses with
+  `QueueFullError` beyond `max_waiting_requests`, so neither a flood of clients nor a few
+  requests with a huge `n` can grow an unbounded queue.
+* Every add command's future is resolved exactly once: the engine thread claims it with
+  `set_running_or_notify_cancel()` before adding (so a handler cancelled at any moment either
+  finds its add skipped or finds it done and aborts it), and if the engine thread dies, every add
+  still pending fails with `EngineDeadError` (those already queued and those queued later).
 * Outputs are cumulative (full text and token ids so far), so a stream whose consumer is slower
   than the engine keeps only the newest output: memory per stream is bounded.
 * A failing `step()` fails the requests that were in the engine (their streams raise
@@ -219,7 +224,9 @@ class AsyncEngine:
         self._stopping = False
         # Event-loop side.
         self._streams: dict[str, RequestStream] = {}
-        self._waiting: set[str] = set()
+        self._waiting: dict[str, int] = {}  # request id -> samples (n) waiting for a 1st output
+        self._num_waiting = 0  # sum of self._waiting's values
+        self._pending_adds: set[concurrent.futures.Future[None]] = set()
         # Engine-thread side: ids added to the engine and not yet finished or aborted.
         self._live_ids: set[str] = set()
 
@@ -244,7 +251,8 @@ class AsyncEngine:
 
     @property
     def num_waiting_requests(self) -> int:
-        return len(self._waiting)
+        """Samples (`n` per request) accepted and still waiting for their first output."""
+        return self._num_waiting
 
     @property
     def num_in_flight(self) -> int:
@@ -273,29 +281,39 @@ class AsyncEngine:
         self._check_accepting()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        weight = max(1, int(params.n))
+        if self.max_waiting_requests is not None and weight > self.max_waiting_requests:
+            raise ValueError(
+                f"n ({weight} samples) is more than this server ever admits at once "
+                f"(max_waiting_requests={self.max_waiting_requests})"
+            )
         if (
             self.max_waiting_requests is not None
-            and len(self._waiting) >= self.max_waiting_requests
+            and self._num_waiting + weight > self.max_waiting_requests
         ):
             raise QueueFullError(
-                f"{len(self._waiting)} requests are already waiting for their first token "
-                f"(max_waiting_requests={self.max_waiting_requests}); retry later"
+                f"{self._num_waiting} samples are already waiting for their first token and "
+                f"this request adds {weight} (max_waiting_requests="
+                f"{self.max_waiting_requests}); retry later"
             )
         stream = RequestStream(request_id, self, arrival_time=time.monotonic())
         self._streams[request_id] = stream
-        self._waiting.add(request_id)
+        self._set_waiting(request_id, weight)
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._pending_adds.add(done)
         self._commands.put(_Add(request_id, prompt, params, done))
         try:
             await asyncio.wrap_future(done)
         except asyncio.CancelledError:
-            # The add may still happen on the engine thread: the abort queued behind it undoes it.
+            # The add may have happened on the engine thread: the abort queued behind it undoes it.
             stream.close()
             raise
         except BaseException:
             self._forget(request_id)
             stream._closed = True
             raise
+        finally:
+            self._pending_adds.discard(done)
         return stream
 
     def abort(self, request_ids: str | Sequence[str]) -> None:
@@ -326,13 +344,20 @@ class AsyncEngine:
 
     def _check_accepting(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"the engine has stopped after an error: {self._dead!r}")
+            raise EngineDeadError(
+                f"the engine has stopped after an error: {type(self._dead).__name__}"
+            )
         if self._stopping:
             raise EngineShutdownError("the server is shutting down")
 
+    def _set_waiting(self, request_id: str, weight: int) -> None:
+        self._num_waiting += weight - self._waiting.pop(request_id, 0)
+        if weight:
+            self._waiting[request_id] = weight
+
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
-        self._waiting.discard(request_id)
+        self._set_waiting(request_id, 0)
 
     def _on_stream_closed(self, stream: RequestStream) -> None:
         # Still in the table and not finished: the engine may hold it (or its add is queued).
@@ -348,7 +373,7 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # closed by its consumer; its abort is on the way
-            self._waiting.discard(out.request_id)
+            self._set_waiting(out.request_id, 0)
             stream._put(out, stamp, self.observer)
             if out.finished:
                 del self._streams[out.request_id]
@@ -361,7 +386,10 @@ class AsyncEngine:
             self._forget(request_id)
 
     def _on_dead(self, error: BaseException) -> None:
-        self.fail_all(EngineDeadError(f"the engine has stopped after an error: {error!r}"))
+        dead = EngineDeadError(f"the engine has stopped after an error: {type(error).__name__}")
+        for done in list(self._pending_adds):  # adds the dead thread will never take
+            _resolve(done, dead)
+        self.fail_all(dead)
 
     # ---- engine thread -------------------------------------------------------------------------
 
@@ -390,6 +418,8 @@ class AsyncEngine:
         except BaseException as e:  # the engine's state is unknown: stop taking work
             logger.exception("the engine thread stopped after an error")
             self._dead = e
+            dead = EngineDeadError(f"the engine has stopped after an error: {type(e).__name__}")
+            self._reject_adds(self._take_commands(block=False, timeout=None), dead)
             self._post(self._on_dead, e)
 
     def _take_commands(self, block: bool, timeout: float | None) -> list[_Command]:
@@ -409,25 +439,27 @@ class AsyncEngine:
 
     def _apply(self, command: _Command) -> None:
         if isinstance(command, _Add):
-            if command.done.cancelled():
-                return
+            # Claim the future: from here on the handler's cancellation cannot cancel it (it
+            # queues an abort instead), so resolving it below cannot raise InvalidStateError.
+            if not command.done.set_running_or_notify_cancel():
+                return  # cancelled while queued: nothing to add
             try:
                 self.engine.add_request(command.request_id, command.prompt, command.params)
             except Exception as e:
-                command.done.set_exception(e)
+                _resolve(command.done, e)
                 return
             self._live_ids.add(command.request_id)
-            command.done.set_result(None)
+            _resolve(command.done, None)
         elif isinstance(command, _Abort):
             live = [i for i in command.request_ids if i in self._live_ids]
             if live:
                 self.engine.abort_request(live)
                 self._live_ids.difference_update(live)
 
-    def _reject_adds(self, commands: list[_Command]) -> None:
+    def _reject_adds(self, commands: list[_Command], error: BaseException | None = None) -> None:
         for command in commands:
-            if isinstance(command, _Add) and not command.done.done():
-                command.done.set_exception(EngineShutdownError("the server is shutting down"))
+            if isinstance(command, _Add):
+                _resolve(command.done, error or EngineShutdownError("the server is shutting down"))
 
     def _step(self) -> bool:
         """One engine step; True when it produced outputs."""
@@ -452,6 +484,15 @@ class AsyncEngine:
         if outputs:
             self._post(self._dispatch, outputs, stamp)
         return bool(outputs)
+
+
+def _resolve(done: concurrent.futures.Future[None], outcome: BaseException | None) -> None:
+    """Sets an add's outcome unless it is already resolved or cancelled (from any thread)."""
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
 
 
 async def merge_streams(

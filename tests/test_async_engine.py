@@ -11,6 +11,7 @@ import pytest
 from engine import LLM, EngineArgs, LLMEngine, SamplingParams
 from engine.async_engine import (
     AsyncEngine,
+    EngineDeadError,
     EngineShutdownError,
     EngineStepError,
     QueueFullError,
@@ -239,3 +240,116 @@ def test_cancelled_add_leaves_nothing_behind(make_engine):
     assert not engine.engine.has_unfinished_requests()
     assert engine.stats.scheduler.kv_cache_usage == 0.0
     assert engine.num_in_flight == 0 and engine.num_waiting_requests == 0
+
+
+def test_add_cancelled_between_check_and_result_keeps_engine_alive(make_engine, expected):
+    """The race of issue 11: the handler is cancelled while the engine thread is inside
+    `add_request` (after its cancellation check, before it resolves the add). The engine must
+    not die (no InvalidStateError on its thread); the request is aborted and frees its blocks."""
+    engine = make_engine()
+    inside, release = threading.Event(), threading.Event()
+    real_add = engine.engine.add_request
+
+    def slow_add(request_id, prompt, params):
+        result = real_add(request_id, prompt, params)
+        if request_id == "victim":
+            inside.set()
+            release.wait(30)
+        return result
+
+    engine.engine.add_request = slow_add
+    long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+    params = SamplingParams(temperature=0.7, seed=3, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        pending = asyncio.ensure_future(engine.add_request("victim", [5, 6, 7], long))
+        await asyncio.get_running_loop().run_in_executor(None, inside.wait, 30)
+        pending.cancel()  # the engine thread has passed its check and not yet set the result
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        release.set()
+        after = await engine.add_request("after", PROMPTS[3], params)
+        out = await after.final()
+        for _ in range(500):
+            if not engine.engine.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        assert engine.is_running and engine.dead_error is None
+        await engine.shutdown()
+        return out
+
+    assert run(main()).outputs[0].token_ids == expected[3]
+    assert not engine.engine.has_unfinished_requests()
+    assert engine.stats.scheduler.kv_cache_usage == 0.0
+    assert engine.num_in_flight == 0 and engine.num_waiting_requests == 0
+
+
+def test_adds_queued_when_engine_thread_dies_fail_instead_of_hanging(make_engine):
+    """A step fails and so does its clean-up: the engine thread dies. Adds queued behind that
+    step, and adds made after the death, fail with EngineDeadError instead of waiting forever."""
+    engine = make_engine()
+    entered, release = threading.Event(), threading.Event()
+
+    def doomed_step():
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("injected step failure")
+
+    def broken_abort(request_ids):
+        raise RuntimeError("injected clean-up failure")
+
+    engine.engine.step = doomed_step
+    engine.engine.abort_request = broken_abort
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        first = await engine.add_request("first", [5, 6], params)
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        queued = asyncio.ensure_future(engine.add_request("queued", [7, 8], params))
+        await asyncio.sleep(0.05)  # the add command sits in the queue behind the blocked step
+        release.set()
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(queued, timeout=10)
+        with pytest.raises(EngineDeadError):
+            await first.final()
+        with pytest.raises(EngineDeadError):
+            await engine.add_request("later", [9], params)
+        assert not engine.is_running
+        assert engine.num_in_flight == 0 and engine.num_waiting_requests == 0
+
+    run(main())
+
+
+def test_waiting_limit_counts_every_sample(make_engine):
+    """`n` samples count n times toward max_waiting_requests; more than it can ever admit is a
+    ValueError (HTTP 400), not a request that waits forever."""
+    engine = make_engine(max_waiting_requests=4)
+    entered, release = threading.Event(), threading.Event()
+    real_step = engine.engine.step
+
+    def blocking_step():
+        entered.set()
+        release.wait(30)
+        return real_step()
+
+    engine.engine.step = blocking_step
+    three = SamplingParams(n=3, temperature=0.7, seed=1, max_tokens=2, ignore_eos=True)
+    two = SamplingParams(n=2, temperature=0.7, seed=1, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(ValueError, match="max_waiting_requests"):
+            await engine.add_request("huge", [5], SamplingParams(n=5, seed=1))
+        first = await engine.add_request("a", [5, 6], three)
+        await asyncio.get_running_loop().run_in_executor(None, entered.wait, 30)
+        assert engine.num_waiting_requests == 3
+        with pytest.raises(QueueFullError):
+            await engine.add_request("b", [7, 8], two)  # 3 + 2 > 4
+        release.set()
+        out = await first.final()
+        assert engine.num_waiting_requests == 0
+        second = await engine.add_request("b", [7, 8], two)  # room again
+        await second.final()
+        await engine.shutdown()
+        return out
+
+    assert len(run(main()).outputs) == 3
