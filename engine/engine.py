@@ -30,7 +30,7 @@ from engine.reference.scheduler import ReferenceScheduler
 from engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
 from engine.runner import ModelRunner, RunnerOutput
 from engine.sampler import splitmix64
-from engine.sampling_params import SamplingParams, tokenize_bad_words
+from engine.sampling_params import RequestOutputKind, SamplingParams, tokenize_bad_words
 from engine.scheduler.interface import Scheduler, SchedulerOutput, SchedulerStats
 from engine.scheduler.scheduler import DefaultScheduler
 from engine.spec_decode.speculator import SpecDecodeStats, Speculator
@@ -64,6 +64,12 @@ class _Group:
     requests: list[Request]
     detokenizers: list[IncrementalDetokenizer]
     stop_checkers: list[StopStringChecker] = field(default_factory=list)  # output text, per sample
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # DELTA: per sample, how many output tokens (and logprob entries) and how many characters
+    # of visible text earlier outputs carried; whether prompt_logprobs were sent.
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_text: list[int] = field(default_factory=list)
+    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
@@ -200,6 +206,9 @@ class LLMEngine:
             stop_checkers=[
                 StopStringChecker(params.stop, params.include_stop_str_in_output) for _ in requests
             ],
+            output_kind=params.output_kind,
+            sent_tokens=[0] * len(requests),
+            sent_text=[0] * len(requests),
         )
         self._groups[request_id] = group
         for request in requests:
@@ -248,7 +257,8 @@ class LLMEngine:
     # ---- stepping ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduling step; returns the outputs of the requests it advanced."""
+        """Runs one scheduling step; returns the outputs of the requests it advanced (for a
+        FINAL_ONLY request, only its last one)."""
         output = self.scheduler.schedule()
         if output.is_empty:
             return []
@@ -258,21 +268,26 @@ class LLMEngine:
         if self.speculator is not None:
             self.speculator.record(output, result.sampled)
 
-        touched: dict[str, _Group] = {}
+        # group id -> (group, the sample indices that advanced)
+        touched: dict[str, tuple[_Group, list[int]]] = {}
         for request in updated:
             group = self._groups.get(request.parent_id or request.request_id)
             if group is None:
                 continue
             self._process_new_tokens(group, request)
-            touched[group.request_id] = group
+            touched.setdefault(group.request_id, (group, []))[1].append(request.sample_index)
         if self.speculator is not None:
             assert isinstance(self.scheduler, DefaultScheduler)
             self.speculator.propose(output, self.scheduler.kv)
 
         outputs = []
-        for group in touched.values():
-            outputs.append(self._make_output(group))
-            if group.finished:
+        for group, indices in touched.values():
+            finished = group.finished
+            if group.output_kind is RequestOutputKind.DELTA:
+                outputs.append(self._make_delta_output(group, indices))
+            elif finished or group.output_kind is RequestOutputKind.CUMULATIVE:
+                outputs.append(self._make_output(group))
+            if finished:
                 del self._groups[group.request_id]
         return outputs
 
@@ -362,6 +377,45 @@ class LLMEngine:
             ),
         )
 
+    def _make_delta_output(self, group: _Group, indices: list[int]) -> RequestOutput:
+        """What is new since the group's previous output, for the samples that advanced (in
+        index order): their new token ids, logprobs and text. O(new tokens), no whole-list
+        copies (`prompt_token_ids` is the group's own list, shared, never mutated)."""
+        completions = []
+        for index in sorted(indices):
+            request, checker = group.requests[index], group.stop_checkers[index]
+            params = request.sampling_params
+            sent, sent_text = group.sent_tokens[index], group.sent_text[index]
+            text = checker.visible_text(finished=request.is_finished)
+            group.sent_tokens[index] = request.num_output_tokens
+            group.sent_text[index] = len(text)
+            completions.append(
+                CompletionOutput(
+                    index=index,
+                    text=text[sent_text:],
+                    token_ids=request.output_token_ids[sent:],
+                    cumulative_logprob=(
+                        request.cumulative_logprob if params.logprobs is not None else None
+                    ),
+                    logprobs=request.logprobs[sent:] if request.logprobs is not None else None,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                )
+            )
+        prompt_logprobs = group.requests[0].prompt_logprobs
+        if prompt_logprobs is not None:
+            # Sent once, complete: outputs only come after the prompt's last chunk.
+            prompt_logprobs = None if group.sent_prompt_logprobs else list(prompt_logprobs)
+            group.sent_prompt_logprobs = True
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=completions,
+            finished=group.finished,
+            prompt_logprobs=prompt_logprobs,
+        )
+
 
 class LLM:
     """The offline API: `LLM(model=PATH).generate(prompts, SamplingParams(...))`.
@@ -404,6 +458,8 @@ class LLM:
                 raise ValueError(
                     f"sampling_params: got {len(params_list)} for {len(prompts)} prompts"
                 )
+        # Only the final outputs are kept (as vLLM's LLM does): no per-step output copies.
+        params_list = [p.replace(output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
         ids = self._add_all(prompts, params_list)
         return self._run(ids, use_tqdm)
 

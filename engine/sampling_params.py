@@ -16,6 +16,7 @@ rejected); `min_tokens <= max_tokens`. The order in which the sampler applies th
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,23 @@ from typing import Any
 _GREEDY_EPS = 1e-5
 _MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 _MAX_ABS_PENALTY = 2.0  # OpenAI's range for presence_penalty / frequency_penalty
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each `RequestOutput` of a request carries (vLLM v1's names and values).
+
+    CUMULATIVE: every output holds everything so far (the n samples, all tokens, text, logprobs).
+    DELTA: an output holds only what is new since the request's previous output: the samples that
+        advanced, each with its new token ids, text and logprobs (`cumulative_logprob` stays
+        cumulative, and `prompt_logprobs` come once, in the first output). Joining a request's
+        deltas per sample index gives the CUMULATIVE output; the engine's work per output is
+        proportional to what is new, not to the length so far.
+    FINAL_ONLY: one output, when the request has finished, holding everything (as CUMULATIVE).
+    """
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 class LogitBias(Mapping[int, float]):
@@ -87,6 +105,9 @@ class SamplingParams:
     allowed_token_ids: if given, only these token ids can be sampled.
     bad_words: words that must not be generated: a word's last token is banned whenever the
         output so far ends with the word's other tokens (with and without a leading space).
+    output_kind: what each RequestOutput carries: RequestOutputKind.CUMULATIVE (everything so
+        far), DELTA (only what is new since the previous output) or FINAL_ONLY (one output at
+        the end). Accepts the enum, its value or its name.
     """
 
     n: int = 1
@@ -111,6 +132,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     allowed_token_ids: tuple[int, ...] | None = None  # input: a non-empty list of ids
     bad_words: tuple[str, ...] | None = None  # input: a list of str
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -169,6 +191,7 @@ class SamplingParams:
         if self.bad_words is not None:
             words = _normalize_strings("bad_words", self.bad_words, allow_str=False)
             object.__setattr__(self, "bad_words", words)
+        object.__setattr__(self, "output_kind", _normalize_output_kind(self.output_kind))
 
     @property
     def greedy(self) -> bool:
@@ -249,6 +272,20 @@ def _normalize_strings(name: str, values: Any, allow_str: bool) -> tuple[str, ..
         if not isinstance(value, str) or not value:
             raise ValueError(f"{name} must contain non-empty strings, got {value!r}")
     return tuple(values)
+
+
+def _normalize_output_kind(kind: Any) -> RequestOutputKind:
+    if isinstance(kind, RequestOutputKind):
+        return kind
+    if isinstance(kind, str) and kind.upper() in RequestOutputKind.__members__:
+        return RequestOutputKind[kind.upper()]
+    if isinstance(kind, int) and not isinstance(kind, bool):
+        try:
+            return RequestOutputKind(kind)
+        except ValueError:
+            pass
+    names = ", ".join(k.name for k in RequestOutputKind)
+    raise ValueError(f"output_kind must be a RequestOutputKind ({names}), got {kind!r}")
 
 
 def _normalize_logit_bias(bias: Any) -> LogitBias | None:
