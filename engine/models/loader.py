@@ -65,7 +65,11 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend) -> torch.nn
         model_config.device,
     )
     # Counted before loading: on CPU, loading may move linear weights into oneDNN's layout.
-    num_params = sum(p.numel() for p in model.parameters())
+    # A tied head shares the embedding's values: counted once.
+    tied = getattr(model, "tie_word_embeddings", False)
+    num_params = sum(
+        p.numel() for n, p in model.named_parameters() if not (tied and n == "lm_head.weight")
+    )
     model.load_weights(iterate_weights(checkpoint_files(model_config.model_path)))
     model.eval()
     logger.info(

@@ -1,0 +1,390 @@
+"""Building blocks shared by every model family: linear layers with a weight format chosen at
+load time, RMSNorm variants, the attention module that calls the backend, gated MLPs.
+
+A family file (llama.py, ...) composes these and holds only what differs between families.
+
+Linear layers and their methods (vLLM's LinearMethodBase idea). A `Linear` owns a plain weight
+parameter [out, in] that the loader fills; after loading, a `LinearMethod` chosen for the whole
+model (`process_weights_after_loading`) may convert it to another format (oneDNN's packed layout,
+int8 or int4 codes with scales) and free the plain copy. From then on `Linear.forward` runs
+`method.apply`. Whatever the format, its meaning is defined by one reference:
+
+    y = x @ method.dequantized_weight(layer).T (+ bias)
+
+and every fast method is tested against that reference. A fused linear (q/k/v in one
+`qkv_proj`, gate/up in one `gate_up_proj`) names its row shards (`shard_names`,
+`output_sizes`), so the weight mapper (weight_mapper.py) can fill it from split or fused
+checkpoint tensors; tensor parallelism would shard the same rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.kv_cache import LayerKVCache
+from engine.models.rotary import apply_rope
+
+
+def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+# ---- linear methods ------------------------------------------------------------------------
+
+
+class LinearMethod:
+    """How a `Linear` stores its weight and multiplies by it (one instance serves many layers).
+
+    Invariant: after `process_weights_after_loading(layer)`, `apply(layer, x)` equals
+    `x @ dequantized_weight(layer).T + bias` up to the method's documented rounding.
+    """
+
+    name = "base"
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """Converts layer.weight (plain, [out, in], loaded) into this method's format."""
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        raise NotImplementedError
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:  # [out, in]
+        raise NotImplementedError
+
+    def weight_tensors(self, layer: Linear) -> list[torch.Tensor]:
+        """The tensors holding the weight in this format (for the start-up memory log)."""
+        return [layer.weight.data]
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """F.linear on the plain weight.
+
+    With `cpu_gemm_layout`, the weight is stored column-major ([in, out] in memory, logical
+    shape kept), so every F.linear is a plain x @ W_t GEMM for MKL. Measured on the 2-core CPUs
+    here (SmolLM-135M shapes, best of 15 interleaved runs): the 30 layers' linears take 24 ms
+    instead of 29 at 1 row and are 1-5% faster from 8 to 512 rows; the 49152 x 576 LM head
+    takes 5.5 ms instead of 10.7 at 1 row.
+    """
+
+    name = "unquantized"
+
+    def __init__(self, cpu_gemm_layout: bool = False) -> None:
+        self.cpu_gemm_layout = cpu_gemm_layout
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        w = layer.weight.data
+        if self.cpu_gemm_layout and not w.t().is_contiguous():
+            layer.weight.data = w.t().contiguous().t()
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+        return layer.weight.data
+
+
+# oneDNN's packed linear on CPU: its blocked weight layout suits every row count, where MKL's
+# GEMM on a plain weight is slow at a few to a few dozen rows. Measured on the 2-core machines
+# here, all SmolLM-135M weight GEMMs of one step (2-thread, float32): 8 rows 48 ms instead of 97,
+# 16 rows 56 instead of 99, 128 rows 243-278 instead of 303-325, 1 and 2048 rows about equal.
+_PACK_BATCH_HINT = 128  # the row count oneDNN picks its blocking for; any row count works
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:  # [out, in] -> oneDNN-blocked
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+
+
+def onednn_linear(
+    x: torch.Tensor,  # [T, in]
+    packed: torch.Tensor,  # from pack_weight
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [T, out]
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    """float32 on a CPU with oneDNN; ENGINE_ONEDNN_LINEAR=0 keeps plain torch GEMMs."""
+    return (
+        device.type == "cpu"
+        and dtype == torch.float32
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get("ENGINE_ONEDNN_LINEAR", "1") != "0"
+    )
+
+
+class OneDNNLinearMethod(LinearMethod):
+    """The weight in oneDNN's blocked layout (`layer.packed`); `layer.weight` keeps only its
+    shape (0 rows, no storage). Same values as the plain weight; float32 rounding differs."""
+
+    name = "onednn"
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        layer.packed = pack_weight(layer.weight.data)
+        layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        assert layer.packed is not None
+        return onednn_linear(x, layer.packed, layer.bias)
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:
+        assert layer.packed is not None
+        eye = torch.eye(layer.in_features, dtype=layer.packed.dtype)
+        return onednn_linear(eye, layer.packed, None).t().contiguous()  # exact: x = I
+
+    def weight_tensors(self, layer: Linear) -> list[torch.Tensor]:
+        assert layer.packed is not None
+        return [layer.packed]
+
+
+def default_linear_method(dtype: torch.dtype, device: torch.device) -> LinearMethod:
+    """Unquantized weights: oneDNN-packed on CPU float32, column-major on other CPU dtypes."""
+    if can_pack_for_cpu(dtype, device):
+        return OneDNNLinearMethod()
+    return UnquantizedLinearMethod(cpu_gemm_layout=device.type == "cpu")
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), with weights left uninitialised until the loader fills them.
+
+    `output_sizes` / `shard_names` describe a fused layer's row shards (e.g. q, k, v), in order;
+    an unfused layer has one shard and no names. `method` is set once after loading
+    (`process_weights_after_loading`); until then the plain weight is used.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        output_sizes: Sequence[int] | None = None,
+        shard_names: Sequence[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.output_sizes = tuple(output_sizes) if output_sizes else (out_features,)
+        if sum(self.output_sizes) != out_features:
+            raise ValueError(f"output_sizes {self.output_sizes} do not sum to {out_features}")
+        self.shard_names = tuple(shard_names) if shard_names else ()
+        if self.shard_names and len(self.shard_names) != len(self.output_sizes):
+            raise ValueError("shard_names and output_sizes differ in length")
+        self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
+        self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (OneDNNLinearMethod)
+        self.method: LinearMethod = UnquantizedLinearMethod()
+
+    def shard_offsets(self) -> list[tuple[str, int, int]]:
+        """(shard name, first row, row count) of each named shard."""
+        out, offset = [], 0
+        for name, size in zip(self.shard_names, self.output_sizes, strict=True):
+            out.append((name, offset, size))
+            offset += size
+        return out
+
+    def process_weights_after_loading(self, method: LinearMethod) -> None:
+        self.method = method
+        method.process_weights_after_loading(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        return self.method.apply(self, x)
+
+    def dequantized_weight(self) -> torch.Tensor:  # [out, in]: the reference weight
+        return self.method.dequantized_weight(self)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+            f"method={self.method.name}"
+        )
+
+
+def process_linear_weights(
+    model: nn.Module, method_for: Callable[[str, Linear], LinearMethod]
+) -> None:
+    """Gives every Linear of a loaded model its method (`method_for(qualified name, layer)`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            module.process_weights_after_loading(method_for(name, module))
+
+
+# ---- normalisation -------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, in transformers' Llama arithmetic (normalise in float32, cast back, then
+    scale by the weight)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = empty_param(dim, dtype=dtype, device=device)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            # transformers' arithmetic (no casts at this dtype), with in-place ops on the small
+            # temporaries: on CPU, F.rms_norm runs as a chain of out-of-place ops and costs 3-4x
+            # this at one row (about 3.5 ms of a SmolLM-135M batch-1 decode step).
+            scale = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # [T, 1]
+            return (x * scale).mul_(self.weight)
+        # As transformers does: normalise in float32, cast back, then scale.
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """x / rms(x) * (1 + w), all in float32 before the cast back (Gemma's arithmetic)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.to(torch.float32))).to(x.dtype)
+
+
+NormFactory = Callable[[int, float, torch.dtype, torch.device], nn.Module]
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+RotaryFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection, optional per-head q/k norms, rotary, the backend, o_proj.
+
+    Family-specific pieces are injected: `rotary` (x [T, H, D], cos, sin -> rotated x; e.g. a
+    RotaryEmbedding's `apply` for partial rotary), `q_norm` / `k_norm` modules (applied per
+    head before rotary), `scale`, `sliding_window` and extra `backend_kwargs` (e.g. a
+    soft-cap, for backends that take one).
+    """
+
+    def __init__(
+        self,
+        *,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        rotary: RotaryFn = apply_rope,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+        backend_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.backend = backend
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv_heads * head_dim
+        self.qkv_proj = Linear(
+            hidden_size,
+            self.q_size + 2 * self.kv_size,
+            qkv_bias,
+            dtype,
+            device,
+            output_sizes=(self.q_size, self.kv_size, self.kv_size),
+            shard_names=("q_proj", "k_proj", "v_proj"),
+        )
+        self.o_proj = Linear(self.q_size, hidden_size, o_bias, dtype, device)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+        self.rotary = rotary
+        self.sliding_window = sliding_window
+        self.backend_kwargs = dict(backend_kwargs or {})
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, 1, R]
+        sin: torch.Tensor,
+        cache: LayerKVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q_size + 2 * kv_size]
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, num_qk_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:  # per head, before rotary
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        # Query and key heads rotate together: one set of ops per layer instead of two.
+        q, k = self.rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        self.backend.write_kv(k, v, cache.k, cache.v, meta)
+        out = self.backend.forward(
+            q, cache.k, cache.v, meta, self.scale, self.sliding_window, **self.backend_kwargs
+        )
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+# ---- MLP ------------------------------------------------------------------------------------
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# config.hidden_act -> activation, as transformers' ACT2FN defines them.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_new": _gelu_tanh,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"hidden_act {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), with gate and up fused in one `gate_up_proj`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool,
+        hidden_act: str,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.act = activation(hidden_act)
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = Linear(
+            hidden_size,
+            2 * intermediate_size,
+            bias,
+            dtype,
+            device,
+            output_sizes=(intermediate_size, intermediate_size),
+            shard_names=("gate_proj", "up_proj"),
+        )
+        self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up)

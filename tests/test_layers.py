@@ -1,0 +1,106 @@
+"""The shared model layer: linear methods against their reference, the weight mapper's fused and
+split names, injected rotary / norms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from engine.models.layers import (
+    GatedMLP,
+    Linear,
+    OffsetRMSNorm,
+    OneDNNLinearMethod,
+    UnquantizedLinearMethod,
+    activation,
+    can_pack_for_cpu,
+)
+from engine.models.rotary import RotaryEmbedding, apply_rope
+from engine.models.weight_mapper import WeightMapper
+
+
+def _filled_linear(out: int, inp: int, bias: bool = True, **kw) -> Linear:
+    layer = Linear(inp, out, bias, torch.float32, torch.device("cpu"), **kw)
+    torch.manual_seed(0)
+    layer.weight.data.normal_()
+    if layer.bias is not None:
+        layer.bias.data.normal_()
+    return layer
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        UnquantizedLinearMethod(),
+        UnquantizedLinearMethod(cpu_gemm_layout=True),
+        pytest.param(
+            OneDNNLinearMethod(),
+            marks=pytest.mark.skipif(
+                not can_pack_for_cpu(torch.float32, torch.device("cpu")), reason="no oneDNN"
+            ),
+        ),
+    ],
+    ids=lambda m: f"{m.name}",
+)
+def test_linear_methods_match_their_reference(method):
+    layer = _filled_linear(40, 24)
+    plain = layer.weight.data.clone()
+    layer.process_weights_after_loading(method)
+    torch.testing.assert_close(layer.dequantized_weight(), plain)
+    for rows in (1, 3, 17):
+        x = torch.randn(rows, 24)
+        torch.testing.assert_close(layer(x), x @ plain.T + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = GatedMLP(8, 6, False, "silu", torch.float32, torch.device("cpu"))
+
+
+def test_weight_mapper_takes_split_or_fused_tensors_and_names_missing_ones():
+    model = _Block()
+    gate, up, down = torch.randn(6, 8), torch.randn(6, 8), torch.randn(8, 6)
+    WeightMapper(model).load(
+        [("model.mlp.gate_proj.weight", gate), ("model.mlp.up_proj.weight", up),
+         ("model.mlp.down_proj.weight", down)]
+    )  # fmt: skip
+    torch.testing.assert_close(model.mlp.gate_up_proj.weight.data, torch.cat([gate, up]))
+
+    fused = _Block()
+    WeightMapper(fused).load(
+        [("model.mlp.gate_up_proj.weight", torch.cat([gate, up])),
+         ("model.mlp.down_proj.weight", down)]
+    )  # fmt: skip
+    torch.testing.assert_close(fused.mlp.gate_up_proj.weight.data, torch.cat([gate, up]))
+
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): model\.mlp\.up_proj\.weight"):
+        WeightMapper(_Block()).load(
+            [("model.mlp.gate_proj.weight", gate), ("model.mlp.down_proj.weight", down)]
+        )
+    with pytest.raises(ValueError, match=r"model\.mlp\.up_proj\.weight has shape \(5, 8\)"):
+        WeightMapper(_Block()).load([("model.mlp.up_proj.weight", torch.randn(5, 8))])
+
+
+def test_offset_rmsnorm_is_one_plus_weight():
+    norm = OffsetRMSNorm(4, 1e-6, torch.float32, torch.device("cpu"))
+    norm.weight.data.zero_()
+    x = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
+    torch.testing.assert_close(norm(x), x, rtol=1e-5, atol=1e-5)
+
+
+def test_partial_rotary_passes_the_tail_through():
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 4, 2, dtype=torch.float32) / 4))
+    rope = RotaryEmbedding(inv_freq, 1.0, 8, 16, torch.float64, torch.device("cpu"))
+    x = torch.randn(3, 2, 8, dtype=torch.float64)
+    cos, sin = rope(torch.tensor([0, 5, 9]))
+    out = rope.apply(x, cos, sin)
+    torch.testing.assert_close(out[..., 4:], x[..., 4:])
+    torch.testing.assert_close(out[..., :4], apply_rope(x[..., :4], cos, sin))
+    torch.testing.assert_close(out[0], x[0])  # position 0: identity
+
+
+def test_unknown_activation_lists_the_supported_ones():
+    with pytest.raises(ValueError, match=r"hidden_act 'relu2'.*silu"):
+        activation("relu2")
