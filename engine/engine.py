@@ -258,17 +258,33 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduling step; returns the outputs of the requests it advanced (for a
-        FINAL_ONLY request, only its last one)."""
+        FINAL_ONLY request, only its last one).
+
+        If the step raises (the forward, the sampler, the proposer, ...), the K/V it wrote is not
+        trusted: the prefix-cache entries it registered are dropped and its running requests
+        go back to the waiting queue with nothing computed (`Scheduler.rollback_step`), then
+        the error propagates. The caller may abort those requests (the server does) or step on
+        (they are recomputed); either way no later request reads K/V the step never finished.
+        """
         output = self.scheduler.schedule()
         if output.is_empty:
             return []
+        try:
+            touched = self._run_step(output)
+        except BaseException:
+            self.scheduler.rollback_step(output)
+            raise
+        self.scheduler.commit_step()
+        return self._make_outputs(touched)
+
+    def _run_step(self, output: SchedulerOutput) -> dict[str, tuple[_Group, list[int]]]:
+        """Computes the scheduled step; returns group id -> (group, sample indices advanced)."""
         result = self.runner.execute(output)
         self._add_prompt_logprobs(output, result)
         updated = self.scheduler.update_from_output(output, result.sampled)
         if self.speculator is not None:
             self.speculator.record(output, result.sampled)
 
-        # group id -> (group, the sample indices that advanced)
         touched: dict[str, tuple[_Group, list[int]]] = {}
         for request in updated:
             group = self._groups.get(request.parent_id or request.request_id)
@@ -279,7 +295,9 @@ class LLMEngine:
         if self.speculator is not None:
             assert isinstance(self.scheduler, DefaultScheduler)
             self.speculator.propose(output, self.scheduler.kv)
+        return touched
 
+    def _make_outputs(self, touched: dict[str, tuple[_Group, list[int]]]) -> list[RequestOutput]:
         outputs = []
         for group, indices in touched.values():
             finished = group.finished

@@ -112,6 +112,19 @@ class ReferenceScheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
+    def commit_step(self) -> None:
+        pass  # no prefix cache: nothing is provisional
+
+    def rollback_step(self, output: SchedulerOutput) -> None:
+        failed = {id(item.request) for item in output.scheduled}
+        reset = [r for r in self.running if id(r) in failed]
+        for request in reversed(reset):  # oldest ends up first in the queue
+            self.running.remove(request)
+            self.allocator.free(self.block_tables.pop(request.request_id))
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+            self.waiting.appendleft(request)
+
     def schedule(self) -> SchedulerOutput:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []

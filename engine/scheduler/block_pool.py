@@ -129,6 +129,12 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
+    def uncache(self, block: KVBlock) -> None:
+        """Drops the block's prefix-cache entry (its K/V turned out not to be written); the
+        block itself stays where it is (in use or free)."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            self._evict(block)
+
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is None:
             return

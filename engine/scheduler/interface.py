@@ -92,6 +92,17 @@ class Scheduler(Protocol):
         requests that received a token (finished ones included)."""
         ...
 
+    def commit_step(self) -> None:
+        """The step last scheduled succeeded: the K/V it wrote may be served from now on."""
+        ...
+
+    def rollback_step(self, output: SchedulerOutput) -> None:
+        """The step `output` failed (anywhere between schedule() and the end of the step): drops
+        what it registered in the prefix cache and puts its still-running requests back at the
+        front of the waiting queue with no blocks and nothing computed, as a preemption does
+        (without counting one). Finished and aborted requests stay as they are."""
+        ...
+
     def has_unfinished_requests(self) -> bool: ...
 
     def stats(self) -> SchedulerStats: ...

@@ -7,6 +7,11 @@ before any attention reads, so a request that hits such a block later in the sam
 reads K/V written in that same forward. This is what lets the n samples of one prompt, admitted
 together, share the prompt's blocks.
 
+A registration is provisional until the step that writes the block succeeds: the engine calls
+`commit()` after a successful step and `discard_uncommitted()` when a step fails, which drops every
+entry registered since the last commit (the step may have written some layers' K/V, or none), so
+a block is served from the prefix cache only once a step that wrote it completed.
+
 Invariants: `blocks(request)` lists distinct blocks, each holding one reference for this request;
 `_hashes[request_id][i]` is the chain hash of the request's i-th block, for its first
 len(_hashes) full blocks; a cache hit never covers a request's last token (its logits must be
@@ -28,6 +33,8 @@ class KVCacheManager:
         self._hashes: dict[str, list[BlockHash]] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
+        # Blocks registered in the prefix cache since the last commit() (the current step's).
+        self._uncommitted: list[KVBlock] = []
 
     @property
     def usage(self) -> float:
@@ -108,9 +115,22 @@ class KVCacheManager:
         for i in range(len(hashes), num_tokens // bs):
             parent = hashes[-1] if hashes else NONE_HASH
             tokens = tuple(request.token_ids_range(i * bs, (i + 1) * bs))
-            hashes.append(
-                self.pool.cache_block(blocks[i], parent, tokens, request.cache_extra_keys)
-            )
+            block = blocks[i]
+            was_cached = block.block_hash is not None
+            hashes.append(self.pool.cache_block(block, parent, tokens, request.cache_extra_keys))
+            if not was_cached and block.block_hash is not None:
+                self._uncommitted.append(block)
+
+    def commit(self) -> None:
+        """The step that wrote the blocks registered since the last commit succeeded."""
+        self._uncommitted.clear()
+
+    def discard_uncommitted(self) -> None:
+        """The step failed: drops the prefix-cache entries registered since the last commit.
+        Requests still holding those blocks must be reset (their K/V is not trusted either)."""
+        for block in self._uncommitted:
+            self.pool.uncache(block)
+        self._uncommitted.clear()
 
     def free(self, request: Request) -> None:
         """Releases the request's blocks, last block first, so that when they are evicted the

@@ -165,14 +165,29 @@ class DefaultScheduler:
         )
 
     def _preempt(self, request: Request) -> None:
+        self._reset(request)
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _reset(self, request: Request) -> None:
+        """Frees the request's blocks and puts it at the front of the queue to recompute."""
         self.kv.free(request)
         request.spec_token_ids = []
         request.spec_draft_probs = None
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    def commit_step(self) -> None:
+        self.kv.commit()
+
+    def rollback_step(self, output: SchedulerOutput) -> None:
+        self.kv.discard_uncommitted()
+        failed = {id(item.request) for item in output.scheduled}
+        reset = [r for r in self.running if id(r) in failed and r.status is RequestStatus.RUNNING]
+        self.running = [r for r in self.running if id(r) not in failed]
+        for request in reversed(reset):  # oldest ends up first in the queue
+            self._reset(request)
 
     def update_from_output(
         self, output: SchedulerOutput, sampled: dict[str, SampledToken | list[SampledToken]]

@@ -84,6 +84,24 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self):
         self._step()
 
+    @rule()
+    def failed_step(self):
+        """A step whose forward (or sampler, or proposer) raised: the engine rolls it back. It
+        leaves no prefix-cache entry it made (their K/V may be unwritten), and its requests wait
+        to be recomputed, holding nothing."""
+        cached_before = dict(self.scheduler.kv.pool.cached)
+        output = self.scheduler.schedule()
+        self.last_output = output
+        self.scheduler.rollback_step(output)
+        for block_hash, block in self.scheduler.kv.pool.cached.items():
+            assert cached_before.get(block_hash) is block, "a failed step's block stays cached"
+        for item in output.scheduled:
+            request = item.request
+            assert request.status is RequestStatus.PREEMPTED
+            assert request in self.scheduler.waiting
+            assert request.num_computed_tokens == 0 and not request.spec_token_ids
+            assert not self.scheduler.kv.blocks(request.request_id)
+
     @precondition(lambda self: self.scheduler.requests)
     @rule(
         data=st.data(),
@@ -124,6 +142,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 tokens = [*accepted, self.rng.randint(1, 3)]
                 sampled[s.request.request_id] = [SampledToken(t, 0.0) for t in tokens]
         self.scheduler.update_from_output(output, sampled)
+        self.scheduler.commit_step()
         return output
 
     @invariant()
