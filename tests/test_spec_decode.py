@@ -198,3 +198,40 @@ def test_stop_string_inside_accepted_drafts(llama_path, tokenizer):
     )
     assert len(got.logprobs) == len(got.token_ids)
     assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-9)
+
+
+SYSTEM_PROMPT = [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52]
+
+
+def _acceptance(llm) -> tuple[int, int]:
+    stats = llm.llm_engine.get_stats().spec_decode
+    return stats.num_accepted_tokens, stats.num_draft_tokens
+
+
+@pytest.mark.parametrize("draft", ["self", "truncated"])
+def test_draft_cache_is_not_stale_after_requests_that_finish_early(llama_path, draft_path, draft):
+    """Short requests that finish in the step that computes a shared system prompt leave its
+    blocks in the prefix cache; the draft must have written its K/V for them too, so later
+    requests sharing the prompt draft exactly as well as on a fresh engine."""
+    model = {"self": str(llama_path), "truncated": str(draft_path)}[draft]
+    spec = {"method": "draft_model", "model": model, "num_speculative_tokens": 3}
+    long_prompts = [[*SYSTEM_PROMPT, 60 + i, 61 + i] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+    fresh = spec_llm(llama_path, spec, enable_prefix_caching=True)
+    want = fresh.generate(long_prompts, params, use_tqdm=False)
+    want_acceptance = _acceptance(fresh)
+
+    warmed = spec_llm(llama_path, spec, enable_prefix_caching=True)
+    short = [[*SYSTEM_PROMPT, 70 + i] for i in range(3)]
+    for max_tokens in (1, 2):
+        warmed.generate(short, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+    before = _acceptance(warmed)
+    hits_before = warmed.llm_engine.get_stats().scheduler.prefix_cache_hits_total
+    got = warmed.generate(long_prompts, params, use_tqdm=False)
+    after = _acceptance(warmed)
+    assert warmed.llm_engine.get_stats().scheduler.prefix_cache_hits_total > hits_before
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert (after[0] - before[0], after[1] - before[1]) == want_acceptance
+    if draft == "self":
+        assert want_acceptance[0] == want_acceptance[1] > 0

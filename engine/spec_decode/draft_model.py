@@ -3,9 +3,11 @@
 The draft has its own paged KV cache with the target's block count and block size, and reads and
 writes it through the *target's* block tables: block b of the draft cache holds the draft's K/V
 for the same tokens that block b of the target cache holds. Every step the draft runs over the
-tokens the target computed in that step (so prefix-cache hits, which hand out target blocks,
-also hand out valid draft K/V), plus the token just sampled, whose logits start the proposal;
-then k - 1 single-token steps extend it. K/V written for drafts that the target later rejects sit
+tokens the target computed in that step, for the requests that finished in it too (so
+prefix-cache hits, which hand out target blocks, also hand out valid draft K/V), plus the token
+just sampled, whose logits start the proposal; then k - 1 single-token steps extend it. A step
+that fails anywhere (the draft's run included) is rolled back with its prefix-cache entries, so
+no cached block's draft K/V is half written. K/V written for drafts that the target later rejects sit
 past the request's length: masked by seq_len, overwritten when real tokens arrive.
 
 The proposal's correctness never depends on the draft: rejection sampling keeps the target's

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from engine.attention import AttentionBackend
 from engine.config import CacheConfig, ModelConfig, SpeculativeConfig
 from engine.request import Request, RequestStatus
-from engine.scheduler.interface import SampledToken, SchedulerOutput
+from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
 from engine.scheduler.kv_cache_manager import KVCacheManager
 from engine.spec_decode.draft_model import DraftInput, DraftModelProposer
 from engine.spec_decode.ngram import NgramProposer
@@ -102,10 +102,14 @@ class Speculator:
             return
         assert self.draft is not None
         inputs: list[DraftInput] = []
+        finished = []
         for item in output.scheduled:
             request = item.request
+            if request.is_finished:
+                finished.append(item)
+                continue
             if request.status is not RequestStatus.RUNNING:
-                continue  # finished or preempted: its blocks may be gone
+                continue  # preempted: its blocks are gone
             end, num_drafts = request.num_computed_tokens, 0
             room = draft_room(request, self.k) if item.sample else 0
             # The token just sampled and the drafts' own K/V need slots up to
@@ -122,8 +126,35 @@ class Speculator:
                         num_drafts=num_drafts,
                     )
                 )
+        # Requests that finished in this step freed their blocks, but the full ones stay in the
+        # prefix cache: the draft writes its K/V there too, so that a later request that hits
+        # them drafts from valid K/V. Done after the lookahead allocations above, stopping at
+        # a block one of them took over (see _cached_end), so no write lands in a block that
+        # now belongs to another request.
+        for item in finished:
+            end = self._cached_end(item, kv)
+            if end > item.num_computed_tokens:
+                inputs.append(
+                    DraftInput(item.request, item.block_ids, item.num_computed_tokens, end, 0)
+                )
         by_id = {i.request.request_id: i.request for i in inputs}
         for request_id, proposal in self.draft.run(inputs).items():
             request = by_id[request_id]
             request.spec_token_ids = proposal.token_ids
             request.spec_draft_probs = proposal.probs
+
+    @staticmethod
+    def _cached_end(item: ScheduledRequest, kv: KVCacheManager) -> int:
+        """For a request that finished in this step: where the draft may stop writing its K/V,
+        capped at the real tokens the target computed. It stops before the first block that a
+        lookahead allocation took over since (held again, no longer cached); blocks still
+        cached, or free and uncached (no one can reuse them), are safe to write."""
+        request, bs = item.request, kv.block_size
+        end = min(request.num_computed_tokens, request.num_tokens)
+        position = item.num_computed_tokens
+        while position < end:
+            block = kv.pool.blocks[item.block_ids[position // bs]]
+            if block.block_hash is None and block.ref_cnt > 0:
+                break  # reallocated to another request
+            position = (position // bs + 1) * bs
+        return min(position, end)
