@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.penalties import PenaltyCounts, penalties_enabled
 from engine.sampling_params import SamplingParams
 
 
@@ -98,8 +99,12 @@ class Request:
     # tokens), and their draft distributions [len, V] when a draft model sampled them.
     spec_token_ids: list[int] = field(default_factory=list)
     spec_draft_probs: Any = None
+    # Incremental output-token counts for the penalties (None when the request uses none).
+    penalty_counts: PenaltyCounts | None = None
 
     def __post_init__(self) -> None:
+        if self.penalty_counts is None and penalties_enabled(self.sampling_params):
+            self.penalty_counts = PenaltyCounts(self.prompt_token_ids)
         if self.sampling_params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
         if (

@@ -123,6 +123,7 @@ def prepare_inputs(
                     output_token_ids=request.output_token_ids,
                     eos_token_ids=request.eos_token_ids,
                     bad_words_token_ids=request.bad_words_token_ids,
+                    penalty_counts=request.penalty_counts,
                 )
             )
         first_row += item.num_new_tokens

@@ -31,13 +31,13 @@ preemption recomputes it.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from engine.logprobs import logprob_entries
+from engine.penalties import PenaltyCounts, add_counts, penalties_enabled
 from engine.sampling_params import SamplingParams
 from engine.scheduler.interface import SampledToken
 
@@ -62,8 +62,10 @@ def position_seed(sampling_seed: int, output_position: int) -> int:
 class SamplingRow:
     """What the sampler needs to know about one row.
 
-    The token sequences are read during the call only (the runner passes the request's own
-    lists, not copies).
+    The output so far is output_token_ids followed by draft_token_ids (speculative tokens that
+    a verification row treats as generated). The token sequences are read during the call only
+    (the runner passes the request's own lists, not copies), and only their tails are read,
+    except by the fallback penalty count when `penalty_counts` is None.
     """
 
     params: SamplingParams
@@ -73,6 +75,19 @@ class SamplingRow:
     output_token_ids: Sequence[int] = ()
     eos_token_ids: tuple[int, ...] = ()
     bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    draft_token_ids: Sequence[int] = ()
+    # The request's incremental counts (penalties); None: counted here from the sequences.
+    penalty_counts: PenaltyCounts | None = None
+
+    def output_tail(self, n: int) -> list[int] | None:
+        """The last n tokens of the output so far (drafts included); None if it is shorter."""
+        drafts, output = self.draft_token_ids, self.output_token_ids
+        from_output = n - len(drafts)
+        if from_output > len(output):
+            return None
+        if from_output <= 0:
+            return list(drafts[len(drafts) - n :]) if n else []
+        return [*output[len(output) - from_output :], *drafts]
 
 
 # ---- logits processors: each [B, V] -> [B, V], each row by its own parameters ------------------
@@ -103,12 +118,8 @@ def apply_bad_words(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.
     ban_rows: list[int] = []
     ban_cols: list[int] = []
     for i, row in enumerate(rows):
-        output = row.output_token_ids
         for word in row.bad_words_token_ids:
-            prefix = word[:-1]
-            if len(prefix) <= len(output) and (
-                not prefix or list(output[len(output) - len(prefix) :]) == list(prefix)
-            ):
+            if row.output_tail(len(word) - 1) == list(word[:-1]):
                 ban_rows.append(i)
                 ban_cols.append(word[-1])
     return _ban(logits, ban_rows, ban_cols)
@@ -148,45 +159,49 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     )
 
 
+def _penalty_tensors(
+    row: SamplingRow, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output counts [V] int64, prompt mask [V] bool) of one row, drafts included."""
+    if row.penalty_counts is not None:
+        counts, prompt_mask = row.penalty_counts.tensors(row.output_token_ids, vocab, device)
+    else:  # a row built without the request's counts: count the sequences (O(length))
+        counts = torch.zeros(vocab, dtype=torch.int64, device=device)
+        add_counts(counts, row.output_token_ids)
+        prompt_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+        if row.prompt_token_ids:
+            prompt_mask[torch.tensor(list(row.prompt_token_ids), device=device)] = True
+    if row.draft_token_ids:
+        counts = counts.clone()
+        add_counts(counts, row.draft_token_ids)
+    return counts, prompt_mask
+
+
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Only tokens that occur in a row's prompt or output are penalised, so the work is done on
-    those (row, token) pairs alone: gathered, penalised, scattered back."""
-    row_idx: list[int] = []
-    col_idx: list[int] = []
-    counts: list[int] = []  # occurrences of the pair's token in the row's output
-    repetition: list[float] = []
-    frequency: list[float] = []
-    presence: list[float] = []
-    for i, row in enumerate(rows):
-        params = row.params
-        if (
-            params.repetition_penalty == 1.0
-            and params.frequency_penalty == 0.0
-            and params.presence_penalty == 0.0
-        ):
-            continue
-        occurrences = Counter(row.output_token_ids)
-        for token_id in set(row.prompt_token_ids) - occurrences.keys():
-            occurrences[token_id] = 0
-        row_idx += [i] * len(occurrences)
-        col_idx += occurrences.keys()
-        counts += occurrences.values()
-        repetition += [params.repetition_penalty] * len(occurrences)
-        frequency += [params.frequency_penalty] * len(occurrences)
-        presence += [params.presence_penalty] * len(occurrences)
-    if not row_idx:
+    """Dense over the vocabulary, for the rows that use a penalty: each row's output counts and
+    prompt mask come from its request's incremental `PenaltyCounts`, so the work per step does
+    not grow with the prompt or the output. Tokens in neither are left exactly as they are."""
+    penalized = [i for i, r in enumerate(rows) if penalties_enabled(r.params)]
+    if not penalized:
         return logits
-    device, dtype = logits.device, logits.dtype
+    device, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
+    pairs = [_penalty_tensors(rows[i], vocab, device) for i in penalized]
+    counts = torch.stack([c for c, _ in pairs]).to(dtype)  # [b, V]
+    in_prompt = torch.stack([m for _, m in pairs])  # [b, V] bool
 
-    def tensor(values: list[float] | list[int]) -> torch.Tensor:  # [P]
-        return torch.tensor(values, dtype=dtype, device=device)
+    def column(name: str) -> torch.Tensor:  # [b, 1]
+        values = [getattr(rows[i].params, name) for i in penalized]
+        return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
-    index = (torch.tensor(row_idx, device=device), torch.tensor(col_idx, device=device))
-    values = logits[index]  # [P]
-    rep, count = tensor(repetition), tensor(counts)
-    values = torch.where(values > 0, values / rep, values * rep)
-    values = values - tensor(frequency) * count - tensor(presence) * (count > 0).to(dtype)
-    return logits.index_put(index, values)
+    index = torch.tensor(penalized, device=device)
+    values = logits.index_select(0, index)  # [b, V]
+    present = counts > 0
+    rep = column("repetition_penalty")
+    repeated = torch.where(values > 0, values / rep, values * rep)
+    values = torch.where(in_prompt | present, repeated, values)
+    values = values - column("frequency_penalty") * counts
+    values = values - column("presence_penalty") * present.to(dtype)
+    return logits.index_copy(0, index, values)
 
 
 def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -294,3 +294,69 @@ def test_multi_token_bad_word_bans_its_last_token_only_after_its_prefix():
     elsewhere = SamplingRow(params, 0, 3, output_token_ids=[3, 9, 4], bad_words_token_ids=words)
     tokens = Sampler()(logits, [after, elsewhere])
     assert tokens[0].token_id != 7 and tokens[1].token_id == 7
+
+
+class _RecordingList(list):
+    """A token list that records which positions each slice read started at."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.slice_starts: list[int] = []
+
+    def __iter__(self):
+        self.slice_starts.append(0)  # a whole read
+        return super().__iter__()
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            self.slice_starts.append(key.start or 0)
+        return super().__getitem__(key)
+
+
+def test_penalty_counts_are_incremental_and_match_a_recount():
+    """The request's counts are updated with the new tokens only (never rebuilt from the whole
+    output) and penalise exactly as counting the whole prompt and output would, drafts too."""
+    from engine.penalties import PenaltyCounts
+    from engine.sampler import apply_penalties
+
+    generator = torch.Generator().manual_seed(0)
+    vocab = 50
+    prompt = torch.randint(0, vocab, (30,), generator=generator).tolist()
+    params = SamplingParams(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=-0.7)
+    counts = PenaltyCounts(prompt)
+    output = _RecordingList()
+    for step in range(40):
+        output += torch.randint(0, vocab, (step % 3,), generator=generator).tolist()
+        drafts = torch.randint(0, vocab, (step % 4,), generator=generator).tolist()
+        logits = torch.randn(1, vocab, dtype=torch.float64, generator=generator)
+        logits[0, 3] = float("-inf")
+        incremental = SamplingRow(
+            params, 0, len(output), prompt, output, draft_token_ids=drafts, penalty_counts=counts
+        )
+        recounted = SamplingRow(params, 0, len(output), prompt, list(output) + drafts)
+        output.slice_starts.clear()
+        got = apply_penalties(logits, [incremental])
+        assert torch.equal(got, apply_penalties(logits, [recounted]))
+        assert not torch.equal(got, logits)
+        # only the tokens appended since the last step were read
+        assert all(start >= len(output) - step % 3 for start in output.slice_starts)
+        assert bool(output.slice_starts) == (step % 3 != 0)  # the new tokens, and only once
+    # a cut output (a stop string inside the step's tokens) is recounted
+    del output[5:]
+    cut = apply_penalties(
+        logits[:1], [SamplingRow(params, 0, 5, prompt, output, penalty_counts=counts)]
+    )
+    fresh = apply_penalties(logits[:1], [SamplingRow(params, 0, 5, prompt, list(output))])
+    assert torch.equal(cut, fresh)
+
+
+def test_dense_penalties_equal_the_pairwise_formula():
+    """Only tokens in the prompt or output change, by the documented formula, bit for bit."""
+    from engine.sampler import apply_penalties
+
+    logits = torch.tensor([[2.0, -1.0, 0.5, float("-inf"), 3.0, -2.0]], dtype=torch.float64)
+    params = SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25)
+    row = SamplingRow(params, 0, 3, prompt_token_ids=[0, 1], output_token_ids=[2, 2, 3])
+    got = apply_penalties(logits, [row])[0].tolist()
+    want = [2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 * 2 - 0.25, float("-inf"), 3.0, -2.0]
+    assert got == want

@@ -7,8 +7,8 @@ tokens the target computed in that step, for the requests that finished in it to
 prefix-cache hits, which hand out target blocks, also hand out valid draft K/V), plus the token
 just sampled, whose logits start the proposal; then k - 1 single-token steps extend it. A step
 that fails anywhere (the draft's run included) is rolled back with its prefix-cache entries, so
-no cached block's draft K/V is half written. K/V written for drafts that the target later rejects sit
-past the request's length: masked by seq_len, overwritten when real tokens arrive.
+no cached block's draft K/V is half written. K/V written for drafts that the target later
+rejects sit past the request's length: masked by seq_len, overwritten when real tokens arrive.
 
 The proposal's correctness never depends on the draft: rejection sampling keeps the target's
 distribution whatever the draft proposes. A stale draft cache can only lower acceptance.
@@ -157,9 +157,11 @@ class DraftModelProposer:
                 sampling_seed=splitmix64(i.request.sampling_seed ^ _DRAFT_SEED_SALT),
                 output_position=i.request.num_output_tokens + step,
                 prompt_token_ids=i.request.prompt_token_ids,
-                output_token_ids=[*i.request.output_token_ids, *drafted[i.request.request_id]],
+                output_token_ids=i.request.output_token_ids,
                 eos_token_ids=i.request.eos_token_ids,
                 bad_words_token_ids=i.request.bad_words_token_ids,
+                draft_token_ids=drafted[i.request.request_id],
+                penalty_counts=i.request.penalty_counts,
             )
             for i in items
         ]

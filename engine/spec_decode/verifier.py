@@ -50,9 +50,11 @@ def verify_rows(item: VerifyItem) -> list[SamplingRow]:
             sampling_seed=request.sampling_seed,
             output_position=request.num_output_tokens + j,
             prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=[*request.output_token_ids, *item.draft_token_ids[:j]],
+            output_token_ids=request.output_token_ids,
             eos_token_ids=request.eos_token_ids,
             bad_words_token_ids=request.bad_words_token_ids,
+            draft_token_ids=item.draft_token_ids[:j],
+            penalty_counts=request.penalty_counts,
         )
         for j in range(len(item.draft_token_ids) + 1)
     ]
