@@ -23,12 +23,17 @@ from typing import Any
 from engine.config import EngineArgs
 from engine.cpu_malloc import tune_cpu_allocator
 from engine.fast.registry import get_attention_backend
-from engine.kv_cache import allocate_kv_cache, create_cache_config
+from engine.kv_cache import (
+    CudaMemoryBaseline,
+    allocate_kv_cache,
+    create_cache_config,
+    needs_memory_profile,
+)
 from engine.logprobs import TokenTexts
 from engine.models.loader import load_model
 from engine.reference.scheduler import ReferenceScheduler
 from engine.request import CompletionOutput, Request, RequestOutput, RequestStatus
-from engine.runner import ModelRunner, RunnerOutput
+from engine.runner import ModelRunner, RunnerOutput, dummy_forward
 from engine.sampler import splitmix64
 from engine.sampling_params import RequestOutputKind, SamplingParams, tokenize_bad_words
 from engine.scheduler.interface import Scheduler, SchedulerOutput, SchedulerStats
@@ -83,7 +88,12 @@ class LLMEngine:
         self.scheduler_config = args.create_scheduler_config(self.model_config)
         if self.model_config.device.type == "cpu":
             tune_cpu_allocator()  # before the first weights and activations are allocated
-        self.cache_config = create_cache_config(args, self.model_config)
+        # On CUDA the cache gets what the weights and a dummy step leave: measured from here.
+        baseline = None
+        if needs_memory_profile(args, self.model_config):
+            baseline = CudaMemoryBaseline.take(
+                self.model_config.device, args.gpu_memory_utilization
+            )
         self.tokenizer = load_tokenizer(
             self.model_config.tokenizer_path, trust_remote_code=args.trust_remote_code
         )
@@ -91,26 +101,53 @@ class LLMEngine:
             args.attention_backend, self.model_config.device
         )
         self.model = load_model(self.model_config, self.attention_backend)
+        self.speculator: Speculator | None = None
+        draft_config = None
+        if args.speculative_config is not None:
+            self.speculator = Speculator(
+                args.speculative_config, self.model_config, self.attention_backend
+            )
+            if self.speculator.draft is not None:
+                draft_config = self.speculator.draft.model_config
+        profiled_bytes = None
+        if baseline is not None:
+            profile = baseline.profile(self._dummy_forward)
+            profiled_bytes = profile.kv_cache_budget(args.gpu_memory_utilization)
+            logger.info(
+                "memory profile: %.2f GiB total, torch peak %.2f GiB (weights + activations), "
+                "%.2f GiB outside torch; %.2f GiB for the KV cache",
+                profile.total_bytes / 2**30,
+                profile.torch_peak_bytes / 2**30,
+                profile.non_torch_bytes / 2**30,
+                profiled_bytes / 2**30,
+            )
+        self.cache_config = create_cache_config(
+            args, self.model_config, draft_config, profiled_bytes
+        )
         kv_caches = allocate_kv_cache(self.model_config, self.cache_config)
         self.runner = ModelRunner(
             self.model, kv_caches, self.cache_config.block_size, self.model_config.device
         )
+        if self.speculator is not None:
+            self.speculator.init_kv_cache(self.cache_config)
         reference = self.scheduler_config.scheduler == "reference"
         scheduler_class = ReferenceScheduler if reference else DefaultScheduler
         self.scheduler: Scheduler = scheduler_class(self.scheduler_config, self.cache_config)
-        self.speculator: Speculator | None = None
-        if args.speculative_config is not None:
-            self.speculator = Speculator(
-                args.speculative_config,
-                self.model_config,
-                self.cache_config,
-                self.attention_backend,
-            )
         # Unseeded requests draw their sampling seed from here: reproducible per engine seed.
         self._seed_rng = random.Random(args.seed)
         self._groups: dict[str, _Group] = {}
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
+
+    def _dummy_forward(self) -> None:
+        """The memory profile's step, through the target and then the draft model."""
+        block_size = self.args.block_size
+        budget = self.scheduler_config.max_num_batched_tokens
+        rows = self.scheduler_config.max_num_seqs
+        dummy_forward(self.model, self.model_config, budget, rows, block_size)
+        if self.speculator is not None and self.speculator.draft is not None:
+            draft = self.speculator.draft
+            dummy_forward(draft.model, draft.model_config, budget, rows, block_size)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:

@@ -4,15 +4,21 @@ A request's context lives in the blocks its block table lists, in order; token t
 is at block_table[t // block_size], offset t % block_size. Slots past a request's length may hold
 stale data from an earlier owner of the block: readers must mask by seq_len, never by content.
 
-The block count comes from a memory budget: `kv_cache_memory_bytes` when given, else on CUDA a
-fraction (`gpu_memory_utilization`) of the memory free after loading the weights, and on CPU a
+The block count comes from a memory budget: `kv_cache_memory_bytes` when given; else on CUDA what
+is left of `gpu_memory_utilization` x the device's total memory once the weights of the target
+and the draft model are loaded and a dummy forward of `max_num_batched_tokens` tokens (with the
+sampler on `max_num_seqs` rows) has run, as vLLM sizes it: the peak of torch's allocations and
+the memory the process holds outside torch (CUDA context, library workspaces) are subtracted,
+and the blocks are counted with the draft's cache (which has as many blocks) included; on CPU a
 fixed budget capped by what `max_num_seqs` requests of `max_model_len` tokens could use.
-`num_gpu_blocks_override` replaces the computed count outright.
+`num_gpu_blocks_override` replaces the computed count outright. An explicit budget or the CPU
+one counts the target's cache only.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,27 +44,121 @@ def bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
     return per_token * block_size * model_config.num_layers
 
 
-def create_cache_config(args: EngineArgs, model_config: ModelConfig) -> CacheConfig:
-    """Decides the block count from the budget and logs the capacity it gives."""
+def needs_memory_profile(args: EngineArgs, model_config: ModelConfig) -> bool:
+    """True when the block count comes from profiling the device (CUDA, no explicit size)."""
+    return (
+        model_config.device.type == "cuda"
+        and args.num_gpu_blocks_override is None
+        and args.kv_cache_memory_bytes is None
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CudaMemoryBaseline:
+    """The device's memory when the engine starts, before any weight is loaded."""
+
+    device: torch.device
+    total_bytes: int
+    free_bytes: int
+    allocated_bytes: int  # by this process's torch allocator
+    reserved_bytes: int
+
+    @classmethod
+    def take(cls, device: torch.device, gpu_memory_utilization: float) -> CudaMemoryBaseline:
+        """Resets the allocator's peak statistics and records the device's memory. Raises
+        ValueError when less than gpu_memory_utilization x total is free (other processes use
+        the rest), as vLLM does."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        free, total = torch.cuda.mem_get_info(device)
+        baseline = cls(
+            device=device,
+            total_bytes=total,
+            free_bytes=free,
+            allocated_bytes=torch.cuda.memory_allocated(device),
+            reserved_bytes=torch.cuda.memory_reserved(device),
+        )
+        requested = int(total * gpu_memory_utilization)
+        if requested > free:
+            raise ValueError(
+                f"gpu_memory_utilization: {gpu_memory_utilization} of the device's "
+                f"{total / 2**30:.2f} GiB is {requested / 2**30:.2f} GiB, but only "
+                f"{free / 2**30:.2f} GiB are free (other processes use the rest); lower "
+                "gpu_memory_utilization or free the device"
+            )
+        return baseline
+
+    def profile(self, dummy_forward: Callable[[], None]) -> CudaMemoryProfile:
+        """Runs the dummy forward (after the weights are loaded) and measures what the engine
+        uses besides the KV cache."""
+        dummy_forward()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        used_since = (total - free) - (self.total_bytes - self.free_bytes)
+        return CudaMemoryProfile(
+            total_bytes=total,
+            torch_peak_bytes=max(0, peak - self.allocated_bytes),
+            non_torch_bytes=max(0, used_since - (reserved - self.reserved_bytes)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CudaMemoryProfile:
+    """What the engine uses on the device besides the KV cache, measured after loading the
+    weights and running the dummy forward."""
+
+    total_bytes: int
+    torch_peak_bytes: int  # peak of torch's allocations since start: weights + activations
+    non_torch_bytes: int  # held outside torch's allocator since start (context, workspaces)
+
+    def kv_cache_budget(self, gpu_memory_utilization: float) -> int:
+        """gpu_memory_utilization x total, less the peak and the non-torch memory."""
+        requested = int(self.total_bytes * gpu_memory_utilization)
+        return requested - self.torch_peak_bytes - self.non_torch_bytes
+
+
+def create_cache_config(
+    args: EngineArgs,
+    model_config: ModelConfig,
+    draft_model_config: ModelConfig | None = None,
+    profiled_kv_cache_bytes: int | None = None,
+) -> CacheConfig:
+    """Decides the block count from the budget and logs the capacity it gives.
+
+    `profiled_kv_cache_bytes` (CUDA, from `CudaMemoryProfile.kv_cache_budget`) holds the
+    target's and the draft's caches (`draft_model_config`), both with the block count returned.
+    """
     block_bytes = bytes_per_block(model_config, args.block_size)
     blocks_per_seq = -(-model_config.max_model_len // args.block_size)
+    hint = "raise kv_cache_memory_bytes or num_gpu_blocks_override"
     if args.num_gpu_blocks_override is not None:
         num_blocks = args.num_gpu_blocks_override
         budget = num_blocks * block_bytes
+    elif args.kv_cache_memory_bytes is not None:
+        budget = args.kv_cache_memory_bytes
+        num_blocks = budget // block_bytes
+    elif profiled_kv_cache_bytes is not None:
+        budget = profiled_kv_cache_bytes
+        if draft_model_config is not None:
+            block_bytes += bytes_per_block(draft_model_config, args.block_size)
+        num_blocks = max(budget, 0) // block_bytes
+        hint = (
+            "raise gpu_memory_utilization, lower max_num_batched_tokens, or set "
+            "kv_cache_memory_bytes / num_gpu_blocks_override"
+        )
+    elif model_config.device.type == "cuda":
+        raise ValueError("the KV cache on CUDA is sized from a memory profile; none was given")
     else:
-        if args.kv_cache_memory_bytes is not None:
-            budget = args.kv_cache_memory_bytes
-        elif model_config.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(model_config.device)
-            budget = int(free * args.gpu_memory_utilization)
-        else:
-            wanted = blocks_per_seq * args.max_num_seqs * block_bytes
-            budget = min(DEFAULT_CPU_KV_CACHE_BYTES, wanted)
+        wanted = blocks_per_seq * args.max_num_seqs * block_bytes
+        budget = min(DEFAULT_CPU_KV_CACHE_BYTES, wanted)
         num_blocks = budget // block_bytes
     if num_blocks < 1:
         raise ValueError(
             f"the KV cache budget ({budget} bytes) is smaller than one block "
-            f"({block_bytes} bytes); raise kv_cache_memory_bytes or num_gpu_blocks_override"
+            f"({block_bytes} bytes); {hint}"
         )
     if num_blocks < blocks_per_seq:
         # Requests that could outgrow the pool are rejected when added (LLMEngine.add_request).

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.attention import AttentionMetadata, pack_sequences
-from engine.kv_cache import LayerKVCache
+from engine.config import CacheConfig, ModelConfig
+from engine.kv_cache import LayerKVCache, allocate_kv_cache
 from engine.logprobs import logprob_entries
 from engine.request import PromptLogprobs
 from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
 from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
 from engine.spec_decode.verifier import VerifyItem, verify
 
@@ -199,6 +201,35 @@ class ModelRunner:
             result[span.request_id] = (span.first_token_index, entries[row : row + span.num_rows])
             row += span.num_rows
         return result
+
+
+@torch.inference_mode()
+def dummy_forward(
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    num_tokens: int,
+    num_sampling_rows: int,
+    block_size: int,
+) -> None:
+    """The memory profile's step (vLLM's profile run): one forward over num_tokens tokens, in
+    prompts as long as max_model_len allows (the attention's worst case), then logits and a
+    top-p sampling of num_sampling_rows rows. The K/V goes to a one-block scratch cache that
+    every block table entry points at, so the run needs no KV cache of its own; its
+    activations are what the profile measures."""
+    scratch = allocate_kv_cache(
+        model_config, CacheConfig(block_size=block_size, num_blocks=1, kv_cache_memory_bytes=0)
+    )
+    longest = max(1, min(num_tokens, model_config.max_model_len - 1))
+    sequences: list[tuple[list[int], int, tuple[int, ...]]] = []
+    for start in range(0, num_tokens, longest):
+        length = min(longest, num_tokens - start)
+        sequences.append(([0] * length, 0, (0,) * -(-length // block_size)))
+    input_ids, positions, meta = pack_sequences(sequences, block_size, model_config.device)
+    hidden = model(input_ids, positions, scratch, meta)  # [num_tokens, H]
+    rows = min(num_sampling_rows, num_tokens)
+    logits = model.compute_logits(hidden[:rows])  # [rows, V]
+    params = SamplingParams(temperature=1.0, top_p=0.9, logprobs=1)
+    Sampler()(logits, [SamplingRow(params, sampling_seed=0, output_position=0)] * rows)
 
 
 def _logprob_dtype(dtype: torch.dtype) -> torch.dtype:

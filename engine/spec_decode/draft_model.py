@@ -22,7 +22,7 @@ import torch
 
 from engine.attention import AttentionBackend, pack_sequences
 from engine.config import CacheConfig, EngineArgs, ModelConfig, SpeculativeConfig
-from engine.kv_cache import allocate_kv_cache
+from engine.kv_cache import LayerKVCache, allocate_kv_cache
 from engine.models.loader import load_model
 from engine.request import Request
 from engine.sampler import (
@@ -85,17 +85,20 @@ def draft_model_config(target: ModelConfig, spec: SpeculativeConfig) -> ModelCon
 
 class DraftModelProposer:
     def __init__(
-        self,
-        target_config: ModelConfig,
-        spec: SpeculativeConfig,
-        cache_config: CacheConfig,
-        backend: AttentionBackend,
+        self, target_config: ModelConfig, spec: SpeculativeConfig, backend: AttentionBackend
     ) -> None:
+        """Loads the draft model; its cache comes with `init_kv_cache`, once the block count is
+        known (on CUDA it is sized after this model is loaded)."""
         self.k = spec.num_speculative_tokens
         self.model_config = draft_model_config(target_config, spec)
-        self.block_size = cache_config.block_size
         self.device = target_config.device
         self.model = load_model(self.model_config, backend)
+        self.block_size = 0
+        self.kv_caches: list[LayerKVCache] = []
+
+    def init_kv_cache(self, cache_config: CacheConfig) -> None:
+        """The draft's cache: the target's block count and block size."""
+        self.block_size = cache_config.block_size
         self.kv_caches = allocate_kv_cache(self.model_config, cache_config)
 
     @torch.inference_mode()

@@ -59,12 +59,9 @@ def draft_room(request: Request, k: int) -> int:
 
 class Speculator:
     def __init__(
-        self,
-        spec: SpeculativeConfig,
-        model_config: ModelConfig,
-        cache_config: CacheConfig,
-        backend: AttentionBackend,
+        self, spec: SpeculativeConfig, model_config: ModelConfig, backend: AttentionBackend
     ) -> None:
+        """Loads the draft model, if any; `init_kv_cache` gives it its cache."""
         self.config = spec
         self.k = spec.num_speculative_tokens
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
@@ -73,7 +70,11 @@ class Speculator:
         if spec.method == "ngram":
             self.ngram = NgramProposer(self.k, spec.prompt_lookup_min, spec.prompt_lookup_max)
         else:
-            self.draft = DraftModelProposer(model_config, spec, cache_config, backend)
+            self.draft = DraftModelProposer(model_config, spec, backend)
+
+    def init_kv_cache(self, cache_config: CacheConfig) -> None:
+        if self.draft is not None:
+            self.draft.init_kv_cache(cache_config)
 
     def record(
         self, output: SchedulerOutput, sampled: dict[str, SampledToken | list[SampledToken]]
