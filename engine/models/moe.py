@@ -5,9 +5,10 @@ top-k probabilities and expert ids per token -> optionally renormalised to sum t
 (`norm_topk_prob`; Mixtral always). The weights stay float32 until they scale the experts'
 outputs, whose sum is cast back to the model dtype.
 
-Experts are stored stacked: `w13` [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) and `w2`
-[E, H, I]; expert e computes down(act(gate(x)) * up(x)). Two implementations compute the same
-weighted sum, out[t] = sum_j weight[t, j] * expert_{id[t, j]}(x[t]):
+Experts are stacked: `w13` [E, 2I, H] (gate rows 0..I-1, up rows I..2I-1) and `w2` [E, H, I]
+(stored 2-D, [E * 2I, H] and [E * H, I], so the weight mapper fills them by rows); expert e
+computes down(act(gate(x)) * up(x)). Two implementations compute the same weighted sum,
+out[t] = sum_j weight[t, j] * expert_{id[t, j]}(x[t]):
 
 * `moe_reference`: the plain loop over all E experts, each finding its tokens with a mask;
 * `moe_grouped`: one sort of the T * k (token, expert) pairs by expert, one gather of the rows,
@@ -27,6 +28,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from engine.models.layers import GatedMLP, Linear, activation, empty_param
+from engine.models.weight_mapper import Target, WeightMapper
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 MOE_IMPLEMENTATIONS = ("reference", "loop", "grouped_mm")
@@ -151,12 +155,15 @@ def grouped_mm_runs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> boo
 
 
 class SparseMoeBlock(nn.Module):
-    """Router + stacked experts (+ an optional sigmoid-gated shared expert).
+    """Router + stacked experts (+ an optional sigmoid-gated shared expert), one MoE layer.
 
-    Parameters (weights are left uninitialised until a loader fills them):
-        gate_weight [E, H]       router
-        w13 [E, 2I, H], w2 [E, H, I]   experts (see the module docstring)
-        shared_w13 [2S, H], shared_w2 [H, S], shared_gate [1, H]   Qwen2-MoE only
+    Modules and parameters (uninitialised until a loader fills them):
+        gate                Linear [E, H]: the router
+        w13 [E * 2I, H]     experts' gate/up, expert e's rows e * 2I ... (e + 1) * 2I - 1
+        w2  [E * H, I]      experts' down, expert e's rows e * H ... (e + 1) * H - 1
+        shared_expert       GatedMLP (Qwen2-MoE), scaled by sigmoid(shared_expert_gate(x))
+    The stacks are stored 2-D so that each checkpoint tensor fills a row range
+    (`add_expert_targets`); the forward views them as [E, 2I, H] and [E, H, I].
     """
 
     def __init__(
@@ -169,10 +176,11 @@ class SparseMoeBlock(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         shared_expert_intermediate_size: int | None = None,
-        act: Activation = F.silu,
-        implementation: str = "loop",
+        hidden_act: str = "silu",
+        implementation: str | None = None,
     ) -> None:
         super().__init__()
+        implementation = implementation or default_implementation(device)
         if implementation not in MOE_IMPLEMENTATIONS:
             raise ValueError(
                 f"moe implementation must be one of {', '.join(MOE_IMPLEMENTATIONS)}, "
@@ -180,62 +188,55 @@ class SparseMoeBlock(nn.Module):
             )
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok ({top_k}) must be in 1..{num_experts}")
-
-        def param(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
-
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
         self.top_k = top_k
         self.renormalize = renormalize
-        self.act = act
+        self.act = activation(hidden_act)
         self.implementation = implementation
         self.intermediate_size = intermediate_size
-        self.gate_weight = param(num_experts, hidden_size)
-        self.w13 = param(num_experts, 2 * intermediate_size, hidden_size)
-        self.w2 = param(num_experts, hidden_size, intermediate_size)
-        self.shared_intermediate_size = shared_expert_intermediate_size
-        self.shared_w13: nn.Parameter | None = None
-        self.shared_w2: nn.Parameter | None = None
-        self.shared_gate: nn.Parameter | None = None
+        self.gate = Linear(hidden_size, num_experts, False, dtype, device)
+        self.w13 = empty_param(
+            num_experts * 2 * intermediate_size, hidden_size, dtype=dtype, device=device
+        )
+        self.w2 = empty_param(
+            num_experts * hidden_size, intermediate_size, dtype=dtype, device=device
+        )
+        self.shared_expert: GatedMLP | None = None
+        self.shared_expert_gate: Linear | None = None
         if shared_expert_intermediate_size:
-            s = shared_expert_intermediate_size
-            self.shared_w13 = param(2 * s, hidden_size)
-            self.shared_w2 = param(hidden_size, s)
-            self.shared_gate = param(1, hidden_size)
+            self.shared_expert = GatedMLP(
+                hidden_size, shared_expert_intermediate_size, False, hidden_act, dtype, device
+            )
+            self.shared_expert_gate = Linear(hidden_size, 1, False, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        weights, ids = route(F.linear(x, self.gate_weight), self.top_k, self.renormalize)
-        out = moe(x, weights, ids, self.w13, self.w2, self.act, self.implementation)
-        if self.shared_w13 is not None and self.shared_w2 is not None:
-            shared = _expert(x, self.shared_w13, self.shared_w2, self.act)
-            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * shared
+        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        w13 = self.w13.view(self.num_experts, 2 * self.intermediate_size, self.hidden_size)
+        w2 = self.w2.view(self.num_experts, self.hidden_size, self.intermediate_size)
+        out = moe(x, weights, ids, w13, w2, self.act, self.implementation)
+        if self.shared_expert is not None and self.shared_expert_gate is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
-    def weight_targets(
-        self, checkpoint_prefix: str, module_prefix: str, expert_names: tuple[str, str, str]
-    ) -> dict[str, tuple[str, tuple[int | slice, ...]]]:
-        """Checkpoint tensor name -> (our parameter name, index into it) for this block.
+    def add_expert_targets(
+        self,
+        mapper: WeightMapper,
+        checkpoint_prefix: str,
+        module_prefix: str,
+        expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+    ) -> None:
+        """Registers the checkpoint names of every expert's tensors with a weight mapper.
 
-        `expert_names` are the checkpoint's (gate, up, down) names per expert: ("gate_proj",
-        "up_proj", "down_proj") in Qwen, ("w1", "w3", "w2") in Mixtral; `checkpoint_prefix`
-        is e.g. "model.layers.3.mlp", `module_prefix` our "layers.3.mlp".
+        `expert_names`: the checkpoint's (gate, up, down) names per expert, ("gate_proj",
+        "up_proj", "down_proj") in Qwen, ("w1", "w3", "w2") in Mixtral; `checkpoint_prefix` is
+        e.g. "model.layers.3.mlp", `module_prefix` our "layers.3.mlp" ("" for the block itself).
         """
         gate, up, down = expert_names
-        inter = self.intermediate_size
-        ck, mod = checkpoint_prefix, module_prefix
-        targets: dict[str, tuple[str, tuple[int | slice, ...]]] = {
-            f"{ck}.gate.weight": (f"{mod}.gate_weight", ()),
-        }
-        for e in range(self.w13.shape[0]):
-            targets[f"{ck}.experts.{e}.{gate}.weight"] = (f"{mod}.w13", (e, slice(0, inter)))
-            targets[f"{ck}.experts.{e}.{up}.weight"] = (f"{mod}.w13", (e, slice(inter, 2 * inter)))
-            targets[f"{ck}.experts.{e}.{down}.weight"] = (f"{mod}.w2", (e,))
-        if self.shared_intermediate_size:
-            s = self.shared_intermediate_size
-            targets[f"{ck}.shared_expert.gate_proj.weight"] = (f"{mod}.shared_w13", (slice(0, s),))
-            targets[f"{ck}.shared_expert.up_proj.weight"] = (
-                f"{mod}.shared_w13",
-                (slice(s, 2 * s),),
-            )
-            targets[f"{ck}.shared_expert.down_proj.weight"] = (f"{mod}.shared_w2", ())
-            targets[f"{ck}.shared_expert_gate.weight"] = (f"{mod}.shared_gate", ())
-        return targets
+        inter, hidden = self.intermediate_size, self.hidden_size
+        for e in range(self.num_experts):
+            experts = f"{checkpoint_prefix}.experts.{e}"
+            w13, w2 = (f"{module_prefix}.{n}" if module_prefix else n for n in ("w13", "w2"))
+            mapper.add(f"{experts}.{gate}.weight", Target(w13, 2 * inter * e, inter))
+            mapper.add(f"{experts}.{up}.weight", Target(w13, 2 * inter * e + inter, inter))
+            mapper.add(f"{experts}.{down}.weight", Target(w2, hidden * e, hidden))

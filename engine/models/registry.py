@@ -5,11 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 # architecture name in config.json -> (module, class); every Llama-like family shares llama.py.
+# Adding a family: a file in engine/models/ (see gemma2.py or mixtral.py) and one line here.
 _MODELS: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
     "Qwen3ForCausalLM": ("engine.models.llama", "LlamaForCausalLM"),
+    "Gemma2ForCausalLM": ("engine.models.gemma2", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("engine.models.gemma3", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("engine.models.phi3", "Phi3ForCausalLM"),
+    "MixtralForCausalLM": ("engine.models.mixtral", "MixtralForCausalLM"),
+    "Qwen2MoeForCausalLM": ("engine.models.qwen_moe", "QwenMoeForCausalLM"),
+    "Qwen3MoeForCausalLM": ("engine.models.qwen_moe", "QwenMoeForCausalLM"),
 }
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_MODELS)

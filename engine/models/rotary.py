@@ -130,3 +130,37 @@ def apply_rope(
 ) -> torch.Tensor:
     # roll(x, D / 2) = (x2, x1); times the signed sin = rotate_half(x) * sin exactly.
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def longrope_original_max(hf_config: Any) -> int:
+    params = rope_parameters(hf_config)
+    value = params.get("original_max_position_embeddings") or getattr(
+        hf_config, "original_max_position_embeddings", None
+    )
+    if not value:
+        raise ValueError("longrope scaling needs original_max_position_embeddings in the config")
+    return int(value)
+
+
+def longrope_embedding(
+    hf_config: Any, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device
+) -> RotaryEmbedding:
+    """Phi-3's `longrope` (alias `su`) table: the long factors when the engine serves contexts
+    longer than `original_max_position_embeddings` (max_len = max_model_len above it), the short
+    factors otherwise. Both carry the same attention scaling.
+
+    The choice is per engine, not per sequence (as vLLM does): a key's rotation must not depend
+    on which request computed it, or prefix caching and chunked prefill would mix tables.
+    transformers instead picks per forward (long once the sequence passes the threshold) and
+    recomputes the whole cache when a sequence crosses it; the two agree token for token when
+    max_model_len <= original_max_position_embeddings, and for prompts already past it
+    otherwise.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    original_max = longrope_original_max(hf_config)
+    seq_len = original_max + 1 if max_len > original_max else None
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS["longrope"](
+        hf_config, torch.device("cpu"), seq_len=seq_len
+    )
+    return RotaryEmbedding(inv_freq.float(), float(scaling), head_dim, max_len, dtype, device)

@@ -111,12 +111,39 @@ def test_block_with_shared_expert(implementation):
     for p in block.parameters():
         p.data = torch.randn(p.shape, generator=gen)
     x = torch.randn(5, 8, generator=gen)
-    weights, ids = route(x @ block.gate_weight.T, 2, False)
-    routed = moe_reference(x, weights, ids, block.w13, block.w2, F.silu)
-    gate, up = (x @ block.shared_w13.T).chunk(2, dim=-1)
-    shared = (F.silu(gate) * up) @ block.shared_w2.T
-    expected = routed + torch.sigmoid(x @ block.shared_gate.T) * shared
+    weights, ids = route(x @ block.gate.weight.T, 2, False)
+    w13, w2 = block.w13.view(4, 12, 8), block.w2.view(4, 8, 6)
+    routed = moe_reference(x, weights, ids, w13, w2, F.silu)
+    shared_mlp = block.shared_expert
+    gate, up = (x @ shared_mlp.gate_up_proj.weight.T).chunk(2, dim=-1)
+    shared = (F.silu(gate) * up) @ shared_mlp.down_proj.weight.T
+    expected = routed + torch.sigmoid(x @ block.shared_expert_gate.weight.T) * shared
     torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_expert_targets_fill_the_stacks():
+    """Per-expert checkpoint tensors (Mixtral's w1/w3/w2 names) land in their experts' rows."""
+    from engine.models.weight_mapper import WeightMapper
+
+    block = SparseMoeBlock(8, 6, 3, 2, True, torch.float64, torch.device("cpu"))
+    mapper = WeightMapper(block, checkpoint_name=lambda n: n)
+    block.add_expert_targets(mapper, "moe", "", ("w1", "w3", "w2"))
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"gate.weight": torch.randn(3, 8, generator=gen, dtype=torch.float64)}
+    for e in range(3):
+        for name, shape in (("w1", (6, 8)), ("w3", (6, 8)), ("w2", (8, 6))):
+            tensors[f"moe.experts.{e}.{name}.weight"] = torch.randn(
+                *shape, generator=gen, dtype=torch.float64
+            )
+    mapper.load(tensors.items())
+    w13, w2 = block.w13.view(3, 12, 8), block.w2.view(3, 8, 6)
+    for e in range(3):
+        assert torch.equal(w13[e, :6], tensors[f"moe.experts.{e}.w1.weight"])
+        assert torch.equal(w13[e, 6:], tensors[f"moe.experts.{e}.w3.weight"])
+        assert torch.equal(w2[e], tensors[f"moe.experts.{e}.w2.weight"])
+    del tensors["moe.experts.1.w3.weight"]
+    with pytest.raises(ValueError, match=r"missing 1 tensor\(s\): moe.experts.1.w3.weight"):
+        mapper.load(tensors.items())
 
 
 def test_block_rejects_bad_settings():
