@@ -204,11 +204,14 @@ def test_a_failed_step_leaves_no_poisoned_block(
         assert drafted > 0 and accepted == drafted  # the draft cache is not stale anywhere
 
 
-def test_the_engine_can_step_on_after_a_failed_step(llama_path, clean):
+@pytest.mark.parametrize("scheduler", ["default", "reference"])
+def test_the_engine_can_step_on_after_a_failed_step(llama_path, clean, scheduler):
     """Without the abort: the failed step's requests are recomputed and finish as if nothing had
     happened (their K/V is not trusted, so they start over)."""
     want, _, _ = clean
-    engine = _engine(llama_path)
+    engine = LLMEngine(
+        EngineArgs(model=str(llama_path), dtype="float64", block_size=4, scheduler=scheduler)
+    )
     fault = Fault()
     decoder_layers(engine.runner.model)[0].register_forward_hook(lambda *a: fault())
     for i, prompt in enumerate(PROMPTS):
@@ -225,3 +228,4 @@ def test_the_engine_can_step_on_after_a_failed_step(llama_path, clean):
                 final[out.request_id] = out.outputs[0].token_ids
     assert [final[f"a{i}"] for i in range(len(PROMPTS))] == [tokens for tokens, _ in want]
     assert engine.scheduler.kv_cache_usage == 0.0
+    assert engine.get_stats().scheduler.num_preemptions_total == 0  # a reset, not a preemption

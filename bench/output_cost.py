@@ -1,0 +1,182 @@
+"""The engine's host cost per step against the output length: flat, not growing with it.
+
+One run generates long outputs for a batch of requests and times every step twice: the whole
+`LLMEngine.step()` and, inside it, the model's forward (whose attention does grow with the
+length: that is the model's work, not the engine's). The difference is the engine's own work
+per step: scheduling, input packing, logits and sampling (penalties included), detokenization,
+stop-string checks and the outputs. The table compares the median of that host time over a
+window of steps early in the outputs (around `--early` tokens) with one at the end (around
+`--output-len` tokens), for each `output_kind`:
+
+* DELTA outputs carry only the new tokens, text and logprobs: the host time should stay flat
+  (ratio near 1).
+* CUMULATIVE outputs copy every request's whole token list, logprobs and text each step: the
+  copies grow with the length (the row shows how much that costs).
+
+The requests use what makes per-step work depend on the length when done naively: logprobs,
+repetition / presence / frequency penalties (counted incrementally per request), and a stop
+string (that never matches) so the stop checker runs.
+
+    python bench/output_cost.py            # 8 requests, outputs of 2048 tokens, tiny model
+    python bench/output_cost.py --quick    # 4 requests, 256 tokens (a few seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import TINY_SHAPE, build_checkpoint, format_table
+from engine import EngineArgs, LLMEngine, SamplingParams
+from engine.sampling_params import RequestOutputKind
+
+PROMPT_LEN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    output_kind: str
+    early_len: int  # output length at the middle of the early window
+    late_len: int
+    host_us_early: float  # median engine time per step outside the model forward, µs
+    host_us_late: float
+    ratio: float  # host_us_late / host_us_early
+    forward_ms_early: float  # median model forward per step, ms (for scale)
+    forward_ms_late: float
+
+
+class ForwardTimer:
+    """Accumulates the wall time spent inside a module's forward (pre / post hooks)."""
+
+    def __init__(self, module) -> None:
+        self.total = 0.0
+        self._start = 0.0
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def _pre(self, *_) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, *_) -> None:
+        self.total += time.perf_counter() - self._start
+
+
+def measure(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> Row:
+    max_len = PROMPT_LEN + args.output_len + 1
+    engine = LLMEngine(
+        EngineArgs(model=str(model), dtype="float32", max_model_len=max_len, seed=args.seed)
+    )
+    timer = ForwardTimer(engine.runner.model)
+    rng = random.Random(args.seed)
+    for i in range(args.batch_size):
+        prompt = [rng.randrange(3, TINY_SHAPE["vocab_size"]) for _ in range(PROMPT_LEN)]
+        params = SamplingParams(
+            temperature=0.8,
+            top_p=0.95,
+            seed=i,
+            max_tokens=args.output_len,
+            ignore_eos=True,
+            logprobs=5,
+            repetition_penalty=1.1,
+            presence_penalty=0.2,
+            frequency_penalty=0.2,
+            stop=["\x00never\x00"],
+            output_kind=kind,
+        )
+        engine.add_request(str(i), prompt, params)
+    # (output length after the step, host seconds, forward seconds); without speculation every
+    # request gains one token per step, the first in the prefill step.
+    steps: list[tuple[int, float, float]] = []
+    while engine.has_unfinished_requests():
+        forward_before = timer.total
+        start = time.perf_counter()
+        engine.step()
+        elapsed = time.perf_counter() - start
+        forward = timer.total - forward_before
+        steps.append((len(steps) + 1, elapsed - forward, forward))
+
+    def window(center: int) -> list[tuple[int, float, float]]:
+        half = args.window // 2
+        return [s for s in steps if center - half <= s[0] < center + half]
+
+    early, late = window(args.early), window(args.output_len - args.window // 2)
+    host_early = statistics.median(s[1] for s in early) * 1e6
+    host_late = statistics.median(s[1] for s in late) * 1e6
+    return Row(
+        output_kind=kind.name,
+        early_len=args.early,
+        late_len=args.output_len - args.window // 2,
+        host_us_early=host_early,
+        host_us_late=host_late,
+        ratio=host_late / host_early,
+        forward_ms_early=statistics.median(s[2] for s in early) * 1e3,
+        forward_ms_late=statistics.median(s[2] for s in late) * 1e3,
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--output-len", type=int, default=None)
+    p.add_argument("--early", type=int, default=None, help="output length of the early window")
+    p.add_argument("--window", type=int, default=None, help="steps per window")
+    p.add_argument(
+        "--output-kinds",
+        nargs="+",
+        default=["DELTA", "CUMULATIVE"],
+        choices=["DELTA", "CUMULATIVE"],
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    args.batch_size = args.batch_size or (4 if args.quick else 8)
+    args.output_len = args.output_len or (256 if args.quick else 2048)
+    args.early = args.early or (32 if args.quick else 64)
+    args.window = args.window or (16 if args.quick else 32)
+    if not args.window < args.early < args.output_len - args.window:
+        p.error("need --window < --early < --output-len - --window")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    max_pos = 1 << (PROMPT_LEN + args.output_len + 1).bit_length()
+    model = build_checkpoint(
+        {**TINY_SHAPE, "max_position_embeddings": max_pos}, f"tiny-llama-{max_pos}"
+    )
+    rows = [measure(model, RequestOutputKind[kind], args) for kind in args.output_kinds]
+    print(
+        f"{args.batch_size} requests, outputs of {args.output_len} tokens, tiny model; host = "
+        "engine step time outside the model forward (median over a window of steps)"
+    )
+    print(
+        format_table(
+            [
+                "output_kind",
+                "early len",
+                "late len",
+                "host us/step early",
+                "host us/step late",
+                "late / early",
+                "forward ms early",
+                "forward ms late",
+            ],
+            [list(asdict(r).values()) for r in rows],
+        )
+    )
+    if args.json is not None:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
