@@ -185,6 +185,13 @@ class CausalLM(nn.Module):
         """Fills every parameter from HF-named checkpoint tensors (ValueError for a wrong
         shape or a missing weight), then gives every linear layer its weight format."""
         self.weight_mapper().load(weights)
+        self.process_weights(method_for)
+
+    def process_weights(
+        self, method_for: Callable[[str, Linear], LinearMethod] | None = None
+    ) -> None:
+        """Ties the head (the embedding's values) and converts every linear layer to its
+        method's format (default: `default_linear_method`), as llama.py does."""
         emb = self.embed_tokens.weight
         default = default_linear_method(emb.dtype, emb.device)
         choose = method_for or (lambda _name, _layer: default)
