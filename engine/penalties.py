@@ -34,17 +34,17 @@ class PenaltyCounts:
 
     def __init__(self, prompt_token_ids: Sequence[int]) -> None:
         self._prompt_token_ids = prompt_token_ids
-        self._counts: torch.Tensor | None = None  # [V] int64
+        self._counts: torch.Tensor | None = None  # [V] int32
         self._prompt_mask: torch.Tensor | None = None  # [V] bool
         self._counted = 0  # output tokens included in _counts
 
     def tensors(
         self, output_token_ids: Sequence[int], vocab: int, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(counts [V] int64, prompt_mask [V] bool) for this output; O(new tokens) per call."""
+        """(counts [V] int32, prompt_mask [V] bool) for this output; O(new tokens) per call."""
         counts = self._counts
         if counts is None or counts.shape[0] != vocab or counts.device != device:
-            counts = self._counts = torch.zeros(vocab, dtype=torch.int64, device=device)
+            counts = self._counts = torch.zeros(vocab, dtype=torch.int32, device=device)
             mask = torch.zeros(vocab, dtype=torch.bool, device=device)
             prompt = [t for t in self._prompt_token_ids if 0 <= t < vocab]
             if prompt:
@@ -65,4 +65,6 @@ def add_counts(counts: torch.Tensor, token_ids: Sequence[int]) -> None:
     """counts[t] += occurrences of t in token_ids (in place; counts is [V])."""
     if token_ids:
         index = torch.tensor(list(token_ids), dtype=torch.int64, device=counts.device)
-        counts.index_add_(0, index, torch.ones_like(index))
+        counts.index_add_(
+            0, index, torch.ones(len(index), dtype=counts.dtype, device=counts.device)
+        )

@@ -162,11 +162,11 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
 def _penalty_tensors(
     row: SamplingRow, vocab: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(output counts [V] int64, prompt mask [V] bool) of one row, drafts included."""
+    """(output counts [V] int32, prompt mask [V] bool) of one row, drafts included."""
     if row.penalty_counts is not None:
         counts, prompt_mask = row.penalty_counts.tensors(row.output_token_ids, vocab, device)
     else:  # a row built without the request's counts: count the sequences (O(length))
-        counts = torch.zeros(vocab, dtype=torch.int64, device=device)
+        counts = torch.zeros(vocab, dtype=torch.int32, device=device)
         add_counts(counts, row.output_token_ids)
         prompt_mask = torch.zeros(vocab, dtype=torch.bool, device=device)
         if row.prompt_token_ids:
