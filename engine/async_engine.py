@@ -472,7 +472,9 @@ class AsyncEngine:
             failed = sorted(self._live_ids)
             self.engine.abort_request(failed)  # raising here kills the thread (see _run)
             self._live_ids.clear()
-            error = EngineStepError(f"the engine failed while running this request: {e!r}")
+            error = EngineStepError(
+                f"the engine failed while running this request: {type(e).__name__}: {e}"[:500]
+            )
             self._post(self._fail_requests, failed, error)
             return True
         stamp = time.monotonic()

@@ -219,13 +219,78 @@ BAD_REQUESTS = {
         400,
         "response_format",
     ),
-    "chat broken template": (
+    "chat request template not trusted": (
         "POST",
         CHAT,
         {"messages": MESSAGES, "chat_template": "{% for %}"},
         400,
+        "chat_template",
+    ),
+    "chat request template in kwargs not trusted": (
+        "POST",
+        CHAT,
+        {"messages": MESSAGES, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}},
+        400,
+        "chat_template",
+    ),
+    # Issue 12: each of these was a 500 (or worse).
+    "json nested 5000 deep": (
+        "POST",
+        C,
+        b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        400,
+        None,
+    ),
+    "lone surrogate in prompt": ("POST", C, b'{"prompt": "a\\ud800"}', 400, "prompt"),
+    "lone surrogate in prompt list": ("POST", C, b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt"),
+    "lone surrogate in tokenize": ("POST", "/tokenize", b'{"prompt": "a\\ud800"}', 400, "prompt"),
+    "lone surrogate in bad_words": (
+        "POST",
+        C,
+        b'{"prompt": "a", "bad_words": ["x\\uDBFF"]}',
+        400,
+        "bad_words",
+    ),
+    "lone surrogate in chat": (
+        "POST",
+        CHAT,
+        b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+        400,
         "messages",
     ),
+    "prompt_logprobs above max_logprobs": (
+        "POST",
+        C,
+        {"prompt": "a", "prompt_logprobs": 50},
+        400,
+        "prompt_logprobs",
+    ),
+    "n beyond int64": ("POST", C, {"prompt": "hi", "n": 9223372036854775808}, 400, "n"),
+    "n above what can run": ("POST", C, {"prompt": "hi", "n": 100000}, 400, "n"),
+    "n not whole": ("POST", C, {"prompt": "hi", "n": 1.5}, 400, "n"),
+    "chat n above what can run": ("POST", CHAT, {"messages": MESSAGES, "n": 500}, 400, "n"),
+    "too many stop strings": ("POST", C, {"prompt": "a", "stop": ["x"] * 65}, 400, "stop"),
+    "stop string too long": ("POST", C, {"prompt": "a", "stop": ["x" * 1025]}, 400, "stop"),
+    "too many bad_words": ("POST", C, {"prompt": "a", "bad_words": ["x"] * 65}, 400, "bad_words"),
+    "prompt longer than the context could hold": (
+        "POST",
+        C,
+        {"prompt": "a" * (32 * 64 + 1)},
+        400,
+        "prompt",
+    ),
+    "too many prompts": ("POST", C, {"prompt": ["a"] * 257}, 400, "prompt"),
+    "too many token-id prompts": ("POST", C, {"prompt": [[5]] * 257}, 400, "prompt"),
+    "tokenize prompt too long": ("POST", "/tokenize", {"prompt": "a" * 3000}, 400, "prompt"),
+    "chat messages too long": (
+        "POST",
+        CHAT,
+        {"messages": [{"role": "user", "content": "a" * 3000}]},
+        400,
+        "messages",
+    ),
+    "unknown model in path": ("GET", "/v1/models/gpt-4", None, 404, "model"),
+    "unknown http method": ("FOO", "/v1/models", None, 400, None),
     "chat unknown model": ("POST", CHAT, {"model": "gpt-4", "messages": MESSAGES}, 404, "model"),
     "unknown route": ("GET", "/v1/nothing", None, 404, None),
     "wrong method": ("GET", C, None, 405, None),
@@ -233,6 +298,8 @@ BAD_REQUESTS = {
     "detokenize token outside vocab": ("POST", "/detokenize", {"tokens": [10**6]}, 400, "tokens"),
 }
 ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError"}
+# Issue 11: whole-number floats for integer fields are accepted, as pydantic's lax mode does.
+WHOLE_FLOATS = {"n": 1.0, "max_tokens": 5.0, "seed": 3.0, "top_k": 10.0, "stop_token_ids": [7.0]}
 
 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
@@ -276,6 +343,50 @@ def test_api_key(llama_path, normal_text):
         bad = openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
+        # RFC 7235: the scheme is case-insensitive; a 401 says which scheme to use.
+        for scheme in ("bearer", "BEARER", "Bearer"):
+            status, _, _ = call("GET", url + "/v1/models", None, {"Authorization": f"{scheme} k3y"})
+            assert status == 200, scheme
+        status, headers, _ = call("GET", url + "/v1/models")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+        # A non-UTF-8 byte in the header: a plain 401, not a 500 from decoding it.
+        conn = http.client.HTTPConnection(urllib.parse.urlsplit(url).netloc, timeout=30)
+        try:
+            conn.putrequest("GET", "/v1/models")
+            conn.putheader("Authorization", b"Bearer k3y\xff")
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == 401
+            assert_error(response.read(), 401, "AuthenticationError", None)
+        finally:
+            conn.close()
+        status, _, raw = call("POST", url + C, NORMAL, {"Authorization": "Bearer k3y"})
+        assert status == 200 and json.loads(raw)["choices"][0]["text"] == normal_text
+
+
+def test_whole_number_floats_are_integers(server, normal_text):
+    """Issue 11: `"n": 1.0`, `"max_tokens": 5.0` are accepted (pydantic's lax mode); 1.5 is a
+    400 naming the field (the BAD_REQUESTS cases)."""
+    body = {**NORMAL, **WHOLE_FLOATS}
+    status, _, raw = call("POST", server.url + C, body)
+    assert status == 200, raw
+    as_ints = {
+        k: [int(x) for x in v] if isinstance(v, list) else int(v) for k, v in WHOLE_FLOATS.items()
+    }
+    assert (
+        json.loads(raw)["choices"]
+        == json.loads(call("POST", server.url + C, {**NORMAL, **as_ints})[2])["choices"]
+    )
+    chat = {"model": MODEL, "messages": MESSAGES, "max_completion_tokens": 3.0, "n": 1.0}
+    status, _, raw = call("POST", server.url + CHAT, chat)
+    assert status == 200 and len(json.loads(raw)["choices"]) == 1
+
+
+def test_models_do_not_show_the_filesystem_path(server, llama_path):
+    status, _, raw = call("GET", server.url + "/v1/models")
+    assert status == 200
+    assert str(llama_path) not in raw.decode()
+    assert json.loads(raw)["data"][0]["root"] == MODEL
 
 
 @pytest.fixture
@@ -348,6 +459,7 @@ def test_failure_mid_stream_sends_error_event_then_done(server, normal_text, eng
     assert events[-1] == "data: [DONE]"
     error = assert_error(events[-2][len("data: ") :].encode(), 500, "InternalServerError", None)
     assert "injected step failure" in error["message"]
+    assert "RuntimeError(" not in error["message"]  # no internal reprs
     assert_serves_normally(server.url, normal_text)
 
 
@@ -370,4 +482,21 @@ def test_engine_failure_without_stream_is_500(server, normal_text, engine_hooks)
     status, _, raw = call("POST", server.url + C, NORMAL)
     assert status == 500
     assert_error(raw, 500, "InternalServerError", None)
+    assert_serves_normally(server.url, normal_text)
+
+
+def test_unexpected_error_is_500_without_internal_repr(server, normal_text, monkeypatch):
+    class Secret:
+        def __repr__(self) -> str:
+            return "<Secret object at 0xdeadbeef>"
+
+    def broken(*args, **kwargs):
+        raise KeyError(Secret())
+
+    monkeypatch.setattr(server.server, "_model_name", broken)
+    status, _, raw = call("POST", server.url + C, NORMAL)
+    assert status == 500
+    error = assert_error(raw, 500, "InternalServerError", None)
+    assert "Secret" not in error["message"] and "0x" not in error["message"]
+    monkeypatch.undo()
     assert_serves_normally(server.url, normal_text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -44,6 +45,7 @@ ENGINE_FLAGS = (
     "attention_backend",
     "max_logprobs",
     "scheduler",
+    "quantization",
 )
 DEMO_MODEL_NAME = "demo"
 API_KEY_ENV = ("ENGINE_API_KEY", "VLLM_API_KEY")
@@ -98,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-logprobs", type=int, default=None)
     model.add_argument("--scheduler", default=None)
     model.add_argument(
+        "--quantization", "-q", default=None, help="weight quantization method (vLLM's names)"
+    )
+    model.add_argument(
         "--speculative-config",
         default=None,
         help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
@@ -132,6 +137,67 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         help="seconds in-flight requests get to finish on SIGINT/SIGTERM",
+    )
+    limits = p.add_argument_group("limits (per request, per connection)")
+    defaults = ServerConfig()
+    limits.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="let requests bring their own chat_template (default: refused with a 400)",
+    )
+    limits.add_argument(
+        "--chat-template-timeout",
+        type=float,
+        default=defaults.chat_template_timeout,
+        help="seconds one chat-template render may take (in a worker process)",
+    )
+    limits.add_argument("--chat-template-workers", type=int, default=defaults.chat_template_workers)
+    limits.add_argument(
+        "--max-n",
+        type=int,
+        default=None,
+        help="most samples (n) per prompt (default: --max-num-seqs)",
+    )
+    limits.add_argument(
+        "--max-prompts-per-request", type=int, default=defaults.max_prompts_per_request
+    )
+    limits.add_argument(
+        "--max-prompt-chars-per-token",
+        type=int,
+        default=defaults.max_prompt_chars_per_token,
+        help="characters accepted per prompt = this x max_model_len (checked before tokenizing)",
+    )
+    limits.add_argument("--max-stop-strings", type=int, default=defaults.max_stop_strings)
+    limits.add_argument("--max-stop-string-chars", type=int, default=defaults.max_stop_string_chars)
+    limits.add_argument(
+        "--max-request-body-bytes",
+        type=parse_bytes,
+        default=defaults.max_request_body_bytes,
+        help="e.g. 33554432 or 32MiB",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="open connections beyond this get a 503 (0: no limit)",
+    )
+    limits.add_argument(
+        "--request-header-timeout",
+        type=float,
+        default=defaults.request_header_timeout,
+        help="seconds a connection has to send a request's headers (0: no limit)",
+    )
+    limits.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=defaults.request_body_timeout,
+        help="seconds a request's body has to arrive (0: no limit)",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=defaults.timeout_keep_alive,
+        help="seconds an idle kept-alive connection stays open",
     )
     server.add_argument("--disable-log-stats", action="store_true")
     server.add_argument(
@@ -188,7 +254,35 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
         shutdown_timeout=ns.shutdown_timeout,
         chat_template=chat_template,
         access_log=not ns.disable_access_log,
+        max_n=ns.max_n,
+        max_prompts_per_request=ns.max_prompts_per_request,
+        max_prompt_chars_per_token=ns.max_prompt_chars_per_token,
+        max_stop_strings=ns.max_stop_strings,
+        max_stop_string_chars=ns.max_stop_string_chars,
+        max_request_body_bytes=ns.max_request_body_bytes,
+        trust_request_chat_template=ns.trust_request_chat_template,
+        chat_template_timeout=ns.chat_template_timeout,
+        chat_template_workers=ns.chat_template_workers,
+        max_connections=ns.max_connections or None,
+        request_header_timeout=ns.request_header_timeout or None,
+        request_body_timeout=ns.request_body_timeout or None,
+        timeout_keep_alive=ns.timeout_keep_alive,
     )
+
+
+def raise_open_files_limit(max_connections: int | None) -> None:
+    """Lets the process hold max_connections sockets plus its own files (the soft limit is
+    often 1024), up to the hard limit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = (max_connections or 0) + 1024
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    raise_open_files_limit(config.max_connections)
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as e:

@@ -1,16 +1,19 @@
-"""The aiohttp application: OpenAI routes over an AsyncEngine, auth, errors, lifecycle.
+"""The aiohttp application: OpenAI routes over an AsyncEngine, auth, errors, limits, lifecycle.
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health,
-GET /version, POST /tokenize, POST /detokenize, GET /metrics.
+Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions,
+GET /health, GET /version, POST /tokenize, POST /detokenize, GET /metrics.
 
-Threads: the event loop runs every handler and owns its own tokenizer copy (prompt encoding,
-chat templates, echo and logprob text); the engine and its tokenizer live on the AsyncEngine's
-thread. So no tokenizer or engine object is ever used by two threads.
+Threads: the event loop runs the handlers; tokenizing and chat templates run off it
+(`inputs.InputProcessor`), the engine on the AsyncEngine's thread. The loop keeps one tokenizer
+of its own only to render single tokens' text in responses (logprobs), so no tokenizer or engine
+object is used by two threads. The loop does no work proportional to an input's size beyond
+parsing its JSON; every size is bounded first (`ServerConfig`, `protocol.RequestLimits`).
 
-Invariants: every error leaves as `{"error": {...}}` JSON with its HTTP status (unknown routes
-and methods included); a request that ends for any reason other than finishing (client gone,
-write error, server shutdown) has its stream closed, which aborts it and frees its KV blocks; a
-failure after a stream has started is sent as an SSE error event followed by `data: [DONE]`.
+Invariants: every error leaves as `{"error": {...}}` JSON with its HTTP status (unknown routes,
+methods and malformed HTTP included) and no internal object's repr; a request that ends for any
+reason other than finishing (client gone, write error, server shutdown) has its stream closed,
+which aborts it and frees its KV blocks; shutdown takes at most `shutdown_timeout` plus about a
+second, however the clients behave.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import hmac
 import logging
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -38,14 +40,16 @@ from engine.async_engine import (
     EngineStepError,
     QueueFullError,
     RequestStream,
-    merge_streams,
 )
 from engine.engine import LLMEngine
-from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.server import protocol as P
+from engine.server.connections import ConnectionGuard, GuardedSockSite, install_log_rate_limits
+from engine.server.inputs import InputProcessor
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics, StatsLogger
-from engine.tokenizer import apply_chat_template, load_tokenizer
+from engine.server.serving import ChatJob, CompletionJob, stream_sse
+from engine.server.thread import ServerThread, bind_socket
+from engine.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -53,35 +57,70 @@ __all__ = ["OpenAIServer", "ServerConfig", "ServerThread", "bind_socket"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Big enough for long prompts given as token ids (aiohttp's default is 1 MiB).
-_MAX_BODY_BYTES = 64 * 2**20
-
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
-    """HTTP-side settings (the engine's are EngineArgs)."""
+    """HTTP-side settings (the engine's are EngineArgs). Every limit has a flag of the same
+    name in `python -m engine.server` (README: Server limits)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_names: tuple[str, ...] = ()  # empty: the engine's model argument
     api_key: str | None = None
-    max_waiting_requests: int | None = 1024  # None: unbounded
+    max_waiting_requests: int | None = 1024  # samples (n per request); None: unbounded
     log_stats_interval: float | None = 5.0  # seconds; None: no stats log lines
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
     chat_template: str | None = None  # overrides the tokenizer's
     access_log: bool = True
     retry_after_s: int = 1
+    # Per-request limits, checked before any tokenizing or engine work.
+    max_n: int | None = None  # None: the engine's max_num_seqs (what can run at once)
+    max_prompts_per_request: int = 256
+    max_prompt_chars_per_token: int = 32  # x max_model_len = characters accepted per prompt
+    max_stop_strings: int = 64  # stop (and bad_words) strings per request
+    max_stop_string_chars: int = 1024
+    max_request_body_bytes: int = 32 * 2**20
+    # Chat templates: rendered in worker processes, each render bounded in time.
+    trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
+    chat_template_timeout: float = 5.0
+    chat_template_workers: int = 2
+    # Connections.
+    max_connections: int | None = 1000
+    request_header_timeout: float | None = 10.0
+    request_body_timeout: float | None = 60.0
+    timeout_keep_alive: float = 5.0  # uvicorn's name and default
 
 
 class OpenAIServer:
-    """Owns the AsyncEngine, the metrics registry and the aiohttp application."""
+    """Owns the AsyncEngine, the input processor, the metrics and the aiohttp application."""
 
     def __init__(self, engine: LLMEngine, config: ServerConfig | None = None) -> None:
         self.config = config or ServerConfig()
         self.model_config = engine.model_config
         self.max_model_len = self.model_config.max_model_len
+        max_n = self.config.max_n or engine.scheduler_config.max_num_seqs
+        if self.config.max_waiting_requests is not None:
+            max_n = min(max_n, self.config.max_waiting_requests)
+        self.limits = P.RequestLimits(
+            max_n=max_n,
+            max_prompts=self.config.max_prompts_per_request,
+            max_prompt_chars=self.config.max_prompt_chars_per_token * self.max_model_len,
+            max_stop_strings=self.config.max_stop_strings,
+            max_stop_chars=self.config.max_stop_string_chars,
+            trust_request_chat_template=self.config.trust_request_chat_template,
+        )
+        # The loop's own tokenizer: single tokens' text for logprobs (see the module docstring).
         self.tokenizer = load_tokenizer(
             self.model_config.tokenizer_path, trust_remote_code=self.model_config.trust_remote_code
+        )
+        self.inputs = InputProcessor(
+            self.model_config.tokenizer_path,
+            trust_remote_code=self.model_config.trust_remote_code,
+            vocab_size=self.model_config.vocab_size,
+            chat_template=self.config.chat_template,
+            max_prompt_chars=self.limits.max_prompt_chars,
+            template_timeout_s=self.config.chat_template_timeout,
+            template_workers=self.config.chat_template_workers,
         )
         self.model_names = self.config.served_model_names or (self.model_config.model,)
         self.metrics = ServerMetrics(self.model_names[0], lambda: self.async_engine.stats)
@@ -89,6 +128,9 @@ class OpenAIServer:
             engine,
             max_waiting_requests=self.config.max_waiting_requests,
             observer=self.metrics,
+        )
+        self.connections = ConnectionGuard(
+            self.config.max_connections, self.config.request_header_timeout
         )
         self.created = int(time.time())
         self._shutting_down = False
@@ -100,9 +142,10 @@ class OpenAIServer:
     def make_app(self) -> web.Application:
         app = web.Application(
             middlewares=[self._error_middleware, self._gate_middleware],
-            client_max_size=_MAX_BODY_BYTES,
+            client_max_size=self.config.max_request_body_bytes,
         )
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.retrieve_model)
         app.router.add_post("/v1/completions", self.create_completion)
         app.router.add_post("/v1/chat/completions", self.create_chat_completion)
         app.router.add_get("/health", self.health)
@@ -114,6 +157,7 @@ class OpenAIServer:
 
     @web.middleware
     async def _error_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.connections.request_started(request.transport)  # its headers have all arrived
         try:
             return await handler(request)
         except P.APIError as e:
@@ -121,35 +165,62 @@ class OpenAIServer:
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            message = e.text if e.text and e.text != f"{e.status}: {e.reason}" else e.reason
+            message = e.reason
             if e.status == 404:
                 message = f"Route {request.method} {request.path} not found"
             elif e.status == 405:
                 message = f"Method {request.method} is not allowed on {request.path}"
+            elif e.status == 413:
+                message = (
+                    "The request body is too large: this server accepts at most "
+                    f"{self.config.max_request_body_bytes} bytes (--max-request-body-bytes)"
+                )
             return _error_response(P.APIError(message, status=e.status))
-        except Exception as e:
+        except Exception:
             logger.exception("error while handling %s %s", request.method, request.path)
-            return _error_response(P.APIError(f"Internal server error: {e!r}", status=500))
+            return _error_response(P.APIError("Internal server error", status=500))
+        finally:
+            self.connections.request_finished(request.transport)
 
     @web.middleware
     async def _gate_middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self._shutting_down:
             raise P.APIError("The server is shutting down", status=503)
         key = self.config.api_key
-        if key is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                raise P.APIError(
-                    "Invalid or missing API key: send 'Authorization: Bearer <key>'", status=401
-                )
+        if (
+            key is not None
+            and request.path != "/health"
+            and not _authorized(request.headers.get("Authorization", ""), key)
+        ):
+            raise P.APIError(
+                "Invalid or missing API key: send 'Authorization: Bearer <key>'",
+                status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="engine"'},
+            )
         return await handler(request)
+
+    async def _read_json(self, request: web.Request) -> dict[str, Any]:
+        """The body as a JSON object; its upload must finish within request_body_timeout."""
+        timeout = self.config.request_body_timeout
+        try:
+            raw = await asyncio.wait_for(request.read(), timeout)
+        except TimeoutError:
+            raise P.APIError(
+                f"The request body did not arrive within {timeout:g} s", status=408
+            ) from None
+        return P.parse_json_body(raw)
 
     # ---- simple routes ---------------------------------------------------------------------------
 
     async def list_models(self, request: web.Request) -> web.Response:
-        root = str(self.model_config.model_path)
-        cards = [P.model_card(n, root, self.max_model_len, self.created) for n in self.model_names]
+        cards = [P.model_card(n, self.max_model_len, self.created) for n in self.model_names]
         return web.json_response(P.models_list(cards))
+
+    async def retrieve_model(self, request: web.Request) -> web.Response:
+        name = request.match_info["model"]
+        if name not in self.model_names:
+            raise P.APIError(f"The model `{name}` does not exist.", status=404, param="model")
+        return web.json_response(P.model_card(name, self.max_model_len, self.created))
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.async_engine.is_running:
@@ -165,20 +236,21 @@ class OpenAIServer:
         )
 
     async def tokenize(self, request: web.Request) -> web.Response:
-        body = P.parse_json_body(await request.read())
+        body = await self._read_json(request)
         self._model_name(P.get_field(body, "model", "str"))
         if "messages" in body:
-            chat = P.parse_chat_request(body, self.model_config.max_logprobs)
-            token_ids = self._render_chat(chat)
+            chat = P.parse_chat_request(body, self.model_config.max_logprobs, self.limits)
+            token_ids = await self.inputs.render_chat(chat)
         else:
             prompt = P.get_field(body, "prompt", "str")
             if prompt is None:
                 raise P.APIError("prompt (a string) or messages is required", param="prompt")
+            P.check_prompt_chars(len(prompt), self.limits)
             add_special = P.get_field(body, "add_special_tokens", "bool", True)
-            token_ids = self.tokenizer.encode(prompt, add_special_tokens=add_special)
+            token_ids = await self.inputs.tokenize(prompt, add_special)
         token_strs = None
         if P.get_field(body, "return_token_strs", "bool", False):
-            token_strs = self.tokenizer.convert_ids_to_tokens(token_ids)
+            token_strs = await self.inputs.token_strs(token_ids)
         return web.json_response(
             {
                 "count": len(token_ids),
@@ -189,13 +261,12 @@ class OpenAIServer:
         )
 
     async def detokenize(self, request: web.Request) -> web.Response:
-        body = P.parse_json_body(await request.read())
+        body = await self._read_json(request)
         self._model_name(P.get_field(body, "model", "str"))
         tokens = P.get_field(body, "tokens", "int_list")
         if tokens is None:
             raise P.APIError("tokens (an array of token ids) is required", param="tokens")
-        self._check_vocab(tokens, "tokens")
-        return web.json_response({"prompt": self.tokenizer.decode(tokens)})
+        return web.json_response({"prompt": await self.inputs.detokenize(tokens)})
 
     # ---- helpers ---------------------------------------------------------------------------------
 
@@ -207,37 +278,15 @@ class OpenAIServer:
             raise P.APIError(f"The model `{requested}` does not exist.", status=404, param="model")
         return requested
 
-    def _check_vocab(self, token_ids: list[int], param: str) -> None:
-        vocab = self.model_config.vocab_size
-        for token_id in token_ids:
-            if not 0 <= token_id < vocab:
-                raise P.APIError(
-                    f"token id {token_id} is outside the vocabulary [0, {vocab})", param=param
-                )
-
-    def _encode_prompt(self, prompt: P.Prompt, need_text: bool) -> tuple[str | None, list[int]]:
-        """(text, token ids); the text of a token-id prompt is decoded only when needed (echo)."""
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-            if not token_ids:
-                raise P.APIError(
-                    "prompt is empty: it must contain at least one token", param="prompt"
-                )
-            return prompt, token_ids
-        self._check_vocab(prompt, "prompt")
-        return (self.tokenizer.decode(prompt) if need_text else None), list(prompt)
-
-    def _render_chat(self, chat: P.ChatRequest) -> list[int]:
-        try:
-            return apply_chat_template(
-                self.tokenizer,
-                chat.messages,
-                add_generation_prompt=chat.add_generation_prompt,
-                chat_template=chat.chat_template or self.config.chat_template,
-                **chat.chat_template_kwargs,
+    def _check_total_samples(self, num_prompts: int, n: int) -> None:
+        """A request whose samples could never all wait at once would only ever get 503s."""
+        limit = self.config.max_waiting_requests
+        if limit is not None and num_prompts * n > limit:
+            raise P.APIError(
+                f"{num_prompts} prompts x n={n} is more samples than this server ever admits "
+                f"at once (max_waiting_requests={limit})",
+                param="n",
             )
-        except Exception as e:  # jinja errors, a missing template, a bad kwarg
-            raise P.APIError(f"Could not apply the chat template: {e}", param="messages") from e
 
     async def _add_all(
         self,
@@ -274,21 +323,22 @@ class OpenAIServer:
             return P.APIError(str(error), status=500)
         if isinstance(error, ValueError):
             message = str(error)
-            param = (
-                "prompt"
-                if message.startswith("prompt")
-                else P.field_named_in(message, P.SAMPLING_FIELDS)
-            )
+            param = P.field_named_in(message, P.SAMPLING_FIELDS)
+            if param is None and message.startswith("prompt"):
+                param = "prompt"
             return P.APIError(message, param=param)
-        return P.APIError(f"Internal server error: {error!r}", status=500)
+        logger.error("request failed: %s", error, exc_info=error)
+        return P.APIError("Internal server error", status=500)
 
     # ---- /v1/completions -------------------------------------------------------------------------
 
     async def create_completion(self, request: web.Request) -> web.StreamResponse:
-        body = P.parse_json_body(await request.read())
-        req = P.parse_completion_request(body, self.model_config.max_logprobs)
+        body = await self._read_json(request)
+        req = P.parse_completion_request(body, self.model_config.max_logprobs, self.limits)
         model = self._model_name(req.model)
-        encoded = [self._encode_prompt(p, need_text=req.echo) for p in req.prompts]
+        n = int(req.sampling.get("n", 1))
+        self._check_total_samples(len(req.prompts), n)
+        encoded = await self.inputs.encode_prompts(req.prompts, need_text=req.echo)
         echo_only = req.max_tokens == 0  # echo with max_tokens 0: return the prompt only
         params = []
         for _, token_ids in encoded:
@@ -300,9 +350,9 @@ class OpenAIServer:
         streams = await self._add_all(
             response_id, [ids for _, ids in encoded], [t for t, _ in encoded], params
         )
-        job = _CompletionJob(self, req, model, response_id, created, encoded, echo_only)
+        job = CompletionJob(self.tokenizer, req, model, response_id, created, encoded, echo_only)
         if req.stream:
-            return await _stream_sse(request, streams, job.chunks, self._api_error)
+            return await stream_sse(request, streams, job.chunks, self._api_error)
         try:
             finals = await asyncio.gather(*(s.final() for s in streams))
         except Exception as e:
@@ -315,10 +365,10 @@ class OpenAIServer:
     # ---- /v1/chat/completions --------------------------------------------------------------------
 
     async def create_chat_completion(self, request: web.Request) -> web.StreamResponse:
-        body = P.parse_json_body(await request.read())
-        req = P.parse_chat_request(body, self.model_config.max_logprobs)
+        body = await self._read_json(request)
+        req = P.parse_chat_request(body, self.model_config.max_logprobs, self.limits)
         model = self._model_name(req.model)
-        token_ids = self._render_chat(req)
+        token_ids = await self.inputs.render_chat(req)
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = P.check_length(len(token_ids), req.max_tokens, self.max_model_len, param)
         sampling = {
@@ -330,9 +380,9 @@ class OpenAIServer:
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await self._add_all(response_id, [token_ids], [None], [params])
-        job = _ChatJob(self, req, model, response_id, created, len(token_ids), params.n)
+        job = ChatJob(self.tokenizer, req, model, response_id, created, len(token_ids), params.n)
         if req.stream:
-            return await _stream_sse(request, streams, job.chunks, self._api_error)
+            return await stream_sse(request, streams, job.chunks, self._api_error)
         try:
             final = await streams[0].final()
         except Exception as e:
@@ -345,6 +395,7 @@ class OpenAIServer:
 
     async def start(self, sock: socket.socket) -> web.AppRunner:
         """Starts the engine thread and serves on `sock` (bound, not yet listening)."""
+        install_log_rate_limits()
         self.async_engine.start()
         runner = web.AppRunner(
             self.make_app(),
@@ -353,17 +404,19 @@ class OpenAIServer:
             if self.config.access_log
             else None,
             access_log_format='%a "%r" %s %Tfs',
-            shutdown_timeout=5.0,
+            keepalive_timeout=self.config.timeout_keep_alive,
+            shutdown_timeout=0.5,  # what is still open then was aborted by shutdown() anyway
         )
         await runner.setup()
-        await web.SockSite(runner, sock).start()
+        await GuardedSockSite(runner, sock, self.connections).start()
         if self.config.log_stats_interval:
             self._log_task = asyncio.create_task(self._log_stats(self.config.log_stats_interval))
         return runner
 
     async def shutdown(self, runner: web.AppRunner) -> None:
-        """Stops accepting, lets in-flight requests finish (up to shutdown_timeout), then ends
-        the rest with an error (SSE error event / 503) and stops the engine."""
+        """Stops accepting, lets in-flight requests finish (up to shutdown_timeout), ends the
+        rest with an error (SSE error event / 503), then aborts every connection still open
+        (a client that stopped reading cannot hold the shutdown) and stops the engine."""
         self._shutting_down = True
         for site in list(runner.sites):
             await site.stop()
@@ -377,8 +430,14 @@ class OpenAIServer:
         if self.async_engine.num_in_flight:
             logger.info("ending %d unfinished requests", self.async_engine.num_in_flight)
         self.async_engine.fail_all(EngineShutdownError("The server is shutting down"))
+        grace = loop.time() + 0.5  # for the error events to go out to clients that read
+        while self.connections.num_open and loop.time() < grace:
+            await asyncio.sleep(0.02)
+        if aborted := self.connections.abort_all():
+            logger.info("closed %d connections still open at shutdown", aborted)
         await runner.cleanup()
         await self.async_engine.shutdown()
+        self.inputs.close()
         if self._log_task is not None:
             self._log_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -432,341 +491,15 @@ class OpenAIServer:
                 logger.info(line)
 
 
+def _authorized(header: str, key: str) -> bool:
+    """`Authorization: Bearer <key>`; the scheme is case-insensitive (RFC 7235). Compared as
+    bytes (a header with a non-UTF-8 byte is simply wrong, never an error)."""
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    given = token.strip().encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(given, key.encode("utf-8", "surrogateescape"))
+
+
 def _error_response(error: P.APIError) -> web.Response:
     return web.json_response(error.body(), status=error.status, headers=error.headers)
-
-
-# ---- streaming -----------------------------------------------------------------------------------
-
-ChunkSource = Callable[[list[RequestStream]], Any]  # -> AsyncIterator[dict]
-
-
-async def _stream_sse(
-    request: web.Request,
-    streams: list[RequestStream],
-    chunks: ChunkSource,
-    to_api_error: Callable[[Exception], P.APIError],
-) -> web.StreamResponse:
-    """Writes `data: {chunk}` events, then `data: [DONE]`; a failure becomes an error event."""
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    try:
-        await response.prepare(request)
-        try:
-            async with contextlib.aclosing(chunks(streams)) as events:
-                async for event in events:
-                    await response.write(P.sse(event))
-        except (ConnectionError, asyncio.CancelledError):
-            raise
-        except Exception as e:
-            error = to_api_error(e)
-            if error.status >= 500:
-                logger.error("stream failed: %s", error.message)
-            await response.write(P.sse(error.body()))
-        await response.write(P.SSE_DONE)
-        await response.write_eof()
-    except ConnectionError:
-        logger.info("client disconnected; aborting %s", ", ".join(s.request_id for s in streams))
-    finally:
-        for stream in streams:
-            stream.close()  # aborts whatever did not finish
-    return response
-
-
-@dataclass
-class _ChoiceState:
-    """What was already sent of one choice."""
-
-    text_len: int = 0  # characters of the output text
-    num_tokens: int = 0  # output token ids
-    sent_chars: int = 0  # characters sent, echoed prompt included (logprobs text_offset)
-    started: bool = False
-    done: bool = False
-
-
-class _CompletionJob:
-    """Builds /v1/completions responses and chunks for one request (all its prompts)."""
-
-    def __init__(
-        self,
-        server: OpenAIServer,
-        req: P.CompletionRequest,
-        model: str,
-        response_id: str,
-        created: int,
-        encoded: list[tuple[str | None, list[int]]],
-        echo_only: bool,
-    ) -> None:
-        self.req = req
-        self.model = model
-        self.response_id = response_id
-        self.created = created
-        self.encoded = encoded
-        self.echo_only = echo_only
-        self.n = int(req.sampling.get("n", 1))
-        self.token_text = P.TokenText(server.tokenizer, req.return_tokens_as_token_ids)
-
-    def _prompt_positions(self, out: RequestOutput) -> list[Any]:
-        if out.prompt_logprobs is not None:
-            return list(out.prompt_logprobs)
-        return [None] * len(out.prompt_token_ids)
-
-    def _choice_parts(
-        self, prompt_index: int, out: RequestOutput, sample: int, state: _ChoiceState
-    ) -> tuple[str, list[int], list[Any], bool]:
-        """(new text, new token ids, their logprob positions, includes the prompt) to send."""
-        c = out.outputs[sample]
-        prompt_text, prompt_ids = self.encoded[prompt_index]
-        prompt_text = prompt_text or ""  # decoded whenever echo is on
-        if self.echo_only:
-            if state.started:
-                return "", [], [], False
-            return prompt_text, prompt_ids, self._prompt_positions(out), True
-        text = c.text[state.text_len :]
-        ids = c.token_ids[state.num_tokens :]
-        positions: list[Any] = list((c.logprobs or [])[state.num_tokens :]) or [{}] * len(ids)
-        state.text_len, state.num_tokens = len(c.text), len(c.token_ids)
-        if self.req.echo and not state.started:
-            return (
-                prompt_text + text,
-                prompt_ids + ids,
-                self._prompt_positions(out) + positions,
-                True,
-            )
-        return text, ids, positions, False
-
-    def _logprobs(self, ids: list[int], positions: list[Any], offset: int) -> dict[str, Any] | None:
-        if self.req.logprobs is None:
-            return None
-        return P.completion_logprobs(ids, positions, self.req.logprobs, self.token_text, offset)
-
-    def _usage(self, outs: list[RequestOutput | None]) -> dict[str, int]:
-        prompt_tokens = sum(len(ids) for _, ids in self.encoded)
-        completion = (
-            0
-            if self.echo_only
-            else sum(len(c.token_ids) for o in outs if o is not None for c in o.outputs)
-        )
-        return P.usage(prompt_tokens, completion)
-
-    def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
-        choices = []
-        for i, out in enumerate(finals):
-            for sample, c in enumerate(out.outputs):
-                text, ids, positions, _ = self._choice_parts(i, out, sample, _ChoiceState())
-                finish = "length" if self.echo_only else c.finish_reason
-                stop_reason = None if self.echo_only else c.stop_reason
-                choices.append(
-                    P.completion_choice(
-                        i * self.n + c.index,
-                        text,
-                        self._logprobs(ids, positions, 0),
-                        finish,
-                        stop_reason,
-                    )
-                )
-        return P.completion_response(
-            self.response_id, self.created, self.model, choices, self._usage(list(finals))
-        )
-
-    async def chunks(self, streams: list[RequestStream]) -> Any:
-        opts = self.req.stream_options
-        states = {(i, s): _ChoiceState() for i in range(len(streams)) for s in range(self.n)}
-        latest: list[RequestOutput | None] = [None] * len(streams)
-        async with contextlib.aclosing(merge_streams(streams)) as merged:
-            async for i, out in merged:
-                latest[i] = out
-                for sample, c in enumerate(out.outputs):
-                    state = states[(i, sample)]
-                    if state.done or (self.echo_only and c.finish_reason is None):
-                        continue
-                    offset = state.sent_chars
-                    text, ids, positions, _ = self._choice_parts(i, out, sample, state)
-                    finish = None
-                    if c.finish_reason is not None:
-                        finish = "length" if self.echo_only else c.finish_reason
-                    if not text and not ids and finish is None:
-                        continue
-                    state.started = True
-                    state.done = finish is not None
-                    state.sent_chars += len(text)
-                    choice = P.completion_choice(
-                        i * self.n + c.index,
-                        text,
-                        self._logprobs(ids, positions, offset),
-                        finish,
-                        None if self.echo_only or finish is None else c.stop_reason,
-                    )
-                    usage = self._usage(latest) if opts.continuous_usage_stats else None
-                    yield P.completion_response(
-                        self.response_id, self.created, self.model, [choice], usage, chunk=True
-                    )
-        if opts.include_usage:
-            yield P.completion_response(
-                self.response_id, self.created, self.model, [], self._usage(latest), chunk=True
-            )
-
-
-class _ChatJob:
-    """Builds /v1/chat/completions responses and chunks for one request."""
-
-    def __init__(
-        self,
-        server: OpenAIServer,
-        req: P.ChatRequest,
-        model: str,
-        response_id: str,
-        created: int,
-        num_prompt_tokens: int,
-        n: int,
-    ) -> None:
-        self.req = req
-        self.model = model
-        self.response_id = response_id
-        self.created = created
-        self.num_prompt_tokens = num_prompt_tokens
-        self.n = n
-        self.token_text = P.TokenText(server.tokenizer, req.return_tokens_as_token_ids)
-
-    def _logprobs(self, ids: list[int], positions: list[Any]) -> list[dict[str, Any]] | None:
-        if not self.req.logprobs:
-            return None
-        return P.chat_logprobs_content(ids, positions, self.req.top_logprobs, self.token_text)
-
-    def _usage(self, out: RequestOutput | None) -> dict[str, int]:
-        generated = sum(len(c.token_ids) for c in out.outputs) if out is not None else 0
-        return P.usage(self.num_prompt_tokens, generated)
-
-    def response(self, final: RequestOutput) -> dict[str, Any]:
-        choices = [
-            P.chat_choice(
-                c.index,
-                c.text,
-                self._logprobs(c.token_ids, list(c.logprobs or [{}] * len(c.token_ids))),
-                c.finish_reason,
-                c.stop_reason,
-            )
-            for c in final.outputs
-        ]
-        return P.chat_response(
-            self.response_id, self.created, self.model, choices, self._usage(final)
-        )
-
-    async def chunks(self, streams: list[RequestStream]) -> Any:
-        opts = self.req.stream_options
-        states = [_ChoiceState() for _ in range(self.n)]
-        latest: RequestOutput | None = None
-
-        def chunk(choice: dict[str, Any]) -> dict[str, Any]:
-            usage = self._usage(latest) if opts.continuous_usage_stats else None
-            return P.chat_chunk(
-                self.response_id, self.created, self.model, [choice], usage, opts.include_usage
-            )
-
-        async with contextlib.aclosing(merge_streams(streams)) as merged:
-            async for _, out in merged:
-                latest = out
-                for c in out.outputs:
-                    state = states[c.index]
-                    if state.done:
-                        continue
-                    if not state.started:
-                        state.started = True
-                        yield chunk(
-                            P.chat_chunk_choice(c.index, {"role": "assistant", "content": ""})
-                        )
-                    text = c.text[state.text_len :]
-                    ids = c.token_ids[state.num_tokens :]
-                    positions = list((c.logprobs or [])[state.num_tokens :]) or [{}] * len(ids)
-                    state.text_len, state.num_tokens = len(c.text), len(c.token_ids)
-                    finish = c.finish_reason
-                    if not text and not ids and finish is None:
-                        continue
-                    state.done = finish is not None
-                    yield chunk(
-                        P.chat_chunk_choice(
-                            c.index,
-                            {"content": text} if text or finish is None else {},
-                            self._logprobs(ids, positions),
-                            finish,
-                            c.stop_reason,
-                        )
-                    )
-        if opts.include_usage:
-            yield P.chat_chunk(self.response_id, self.created, self.model, [], self._usage(latest))
-
-
-# ---- sockets and threads -------------------------------------------------------------------------
-
-
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port); port 0 picks a free one (see getsockname())."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    if not infos:
-        raise ValueError(f"cannot resolve host {host!r}")
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-class ServerThread:
-    """Runs an OpenAIServer on its own event loop in a background thread (tests, notebooks).
-
-    `start()` returns the base URL once the server listens; `stop()` shuts it down cleanly.
-    """
-
-    def __init__(self, server: OpenAIServer, host: str = "127.0.0.1", port: int = 0) -> None:
-        self.server = server
-        self._sock = bind_socket(host, port)
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="server-loop", daemon=True)
-        self.url = ""
-
-    def start(self, timeout: float = 60.0) -> str:
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TimeoutError("the server did not start")
-        if self._error is not None:
-            raise RuntimeError("the server failed to start") from self._error
-        return self.url
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if self._loop is not None and self._stop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ServerThread:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _main(self) -> None:
-        async def run() -> None:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-
-            def ready(url: str) -> None:
-                self.url = url
-                self._ready.set()
-
-            await self.server.serve(self._sock, stop=self._stop, ready=ready)
-
-        try:
-            asyncio.run(run())
-        except BaseException as e:
-            self._error = e
-            logger.exception("server thread failed")
-        finally:
-            self._ready.set()

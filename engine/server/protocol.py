@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,12 +28,15 @@ from engine.sampling_params import SamplingParams
 _MIN_LOGPROB = -9999.0
 # OpenAI caps chat top_logprobs at 20.
 MAX_TOP_LOGPROBS = 20
+# OpenAI's spec: a string naming the backend configuration (a string, never null).
+SYSTEM_FINGERPRINT = "fp_engine"
 
 _ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
@@ -70,8 +74,13 @@ class APIError(Exception):
         }
 
 
+# A `\uD800`-`\uDFFF` escape: the only way a JSON text can hold a lone surrogate.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB89a-fA-F][0-9a-fA-F]{2}")
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400."""
+    """The request body as a JSON object, or a 400 (also for nesting too deep to parse and for
+    strings holding a lone UTF-16 surrogate, which no tokenizer can encode)."""
 
     def reject_constant(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
@@ -80,9 +89,36 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         body = json.loads(raw or b"null", parse_constant=reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(f"The request body is not valid JSON: {e}") from e
+    except RecursionError:
+        raise APIError("The request body is not valid JSON: it is nested too deeply") from None
     if not isinstance(body, dict):
         raise APIError(f"The request body must be a JSON object, got {_json_type(body)}")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the body (pairs are fine)
+        for name, value in body.items():
+            if not _valid_unicode(name) or not _valid_unicode(value):
+                raise APIError(
+                    f"{name} holds a lone UTF-16 surrogate (not valid Unicode text)",
+                    param=name if _valid_unicode(name) else None,
+                )
     return body
+
+
+def _valid_unicode(value: Any) -> bool:
+    """No string inside `value` holds a lone surrogate (iterative: any nesting depth)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return True
 
 
 # ---- field readers -------------------------------------------------------------------------
@@ -108,6 +144,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _as_int(value: Any) -> int | None:
+    """An integer, or a whole-number float (1.0, as pydantic's lax mode accepts); else None."""
+    if _is_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(
         value
@@ -115,7 +160,10 @@ def _is_number(value: Any) -> bool:
 
 
 def _wrong_type(name: str, expected: str, value: Any) -> APIError:
-    return APIError(f"{name} must be {expected}, got {_json_type(value)}", param=name)
+    got = _json_type(value)
+    if isinstance(value, float) and expected == "an integer" and math.isfinite(value):
+        got = f"{value!r}"  # 1.5: a number, but not a whole one
+    return APIError(f"{name} must be {expected}, got {got}", param=name)
 
 
 def _check_kind(name: str, value: Any, kind: str) -> Any:
@@ -124,8 +172,10 @@ def _check_kind(name: str, value: Any, kind: str) -> Any:
         if not isinstance(value, bool):
             raise _wrong_type(name, "a boolean", value)
     elif kind == "int":
-        if not _is_int(value):
+        number = _as_int(value)
+        if number is None:
             raise _wrong_type(name, "an integer", value)
+        value = number
     elif kind == "number":
         if not _is_number(value):
             raise _wrong_type(name, "a finite number", value)
@@ -142,8 +192,10 @@ def _check_kind(name: str, value: Any, kind: str) -> Any:
         if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             raise _wrong_type(name, "an array of strings", value)
     elif kind == "int_list":
-        if not (isinstance(value, list) and all(_is_int(v) for v in value)):
+        numbers = [_as_int(v) for v in value] if isinstance(value, list) else None
+        if numbers is None or any(v is None for v in numbers):
             raise _wrong_type(name, "an array of integers", value)
+        value = numbers
     elif kind == "object":
         if not isinstance(value, dict):
             raise _wrong_type(name, "an object", value)
@@ -191,12 +243,53 @@ SAMPLING_FIELDS: dict[str, tuple[str, Any]] = {
 _SAMPLING_PARAMS_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
 
 
-def _read_sampling_fields(body: dict[str, Any]) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds checked while parsing, before any tokenizing or engine work (the server's flags).
+
+    `max_prompt_chars`: characters in one text prompt, or in all of a chat's messages; beyond
+    it the prompt could not fit `max_model_len` tokens anyway (the server sets it to a multiple
+    of `max_model_len`). `max_n`: samples per prompt. `max_prompts`: prompts per completions
+    request. `max_stop_strings` / `max_stop_chars`: count and length of `stop` (and
+    `bad_words`) strings, whose matching runs on the engine thread.
+    """
+
+    max_n: int = 256
+    max_prompts: int = 256
+    max_prompt_chars: int = 2**20
+    max_stop_strings: int = 64
+    max_stop_chars: int = 1024
+    trust_request_chat_template: bool = False
+
+
+def _check_strings(name: str, values: list[str], limits: RequestLimits) -> None:
+    if len(values) > limits.max_stop_strings:
+        raise APIError(
+            f"{name} has {len(values)} strings; this server accepts at most "
+            f"{limits.max_stop_strings}",
+            param=name,
+        )
+    longest = max((len(v) for v in values), default=0)
+    if longest > limits.max_stop_chars:
+        raise APIError(
+            f"{name} has a string of {longest} characters; this server accepts at most "
+            f"{limits.max_stop_chars}",
+            param=name,
+        )
+
+
+def _read_sampling_fields(body: dict[str, Any], limits: RequestLimits) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, (kind, _) in SAMPLING_FIELDS.items():
         value = get_field(body, name, kind)
         if value is not None:
             values[name] = value
+    n = values.get("n", 1)
+    if not 1 <= n <= limits.max_n:
+        raise APIError(f"n must be between 1 and {limits.max_n}, got {n}", param="n")
+    for name in ("stop", "bad_words"):
+        if name in values:
+            _check_strings(name, values[name], limits)
     if "logit_bias" in values:
         values["logit_bias"] = _parse_logit_bias(values["logit_bias"])
     if values.get("top_k") == 0:  # vLLM's API treats 0 as "disabled", like -1
@@ -269,6 +362,8 @@ def _read_common(body: dict[str, Any]) -> dict[str, Any]:
     model = get_field(body, "model", "str")
     if body.get("best_of") is not None:
         best_of = _check_kind("best_of", body["best_of"], "int")
+        if best_of < 1:
+            raise APIError(f"best_of must be at least 1, got {best_of}", param="best_of")
         if best_of != get_field(body, "n", "int", 1):
             raise APIError("best_of different from n is not supported", param="best_of")
     return {
@@ -295,9 +390,13 @@ class CompletionRequest:
     return_tokens_as_token_ids: bool
 
 
-def parse_completion_request(body: dict[str, Any], max_logprobs: int) -> CompletionRequest:
+def parse_completion_request(
+    body: dict[str, Any], max_logprobs: int, limits: RequestLimits | None = None
+) -> CompletionRequest:
+    limits = limits or RequestLimits()
     common = _read_common(body)
-    prompts = _read_prompts(body)
+    sampling = _read_sampling_fields(body, limits)  # n is bounded before the prompts are read
+    prompts = _read_prompts(body, limits)
     if body.get("suffix") is not None:
         raise APIError("suffix is not supported", param="suffix")
     echo = get_field(body, "echo", "bool", False)
@@ -314,7 +413,6 @@ def parse_completion_request(body: dict[str, Any], max_logprobs: int) -> Complet
             f"got {logprobs}",
             param="logprobs",
         )
-    sampling = _read_sampling_fields(body)
     if echo and logprobs is not None and "prompt_logprobs" not in sampling:
         sampling["prompt_logprobs"] = logprobs
     stream, stream_options = _read_stream(body)
@@ -331,21 +429,45 @@ def parse_completion_request(body: dict[str, Any], max_logprobs: int) -> Complet
     )
 
 
-def _read_prompts(body: dict[str, Any]) -> list[Prompt]:
+def check_prompt_chars(num_chars: int, limits: RequestLimits, param: str = "prompt") -> None:
+    if num_chars > limits.max_prompt_chars:
+        raise APIError(
+            f"{param} has {num_chars} characters; this server accepts at most "
+            f"{limits.max_prompt_chars} per prompt (more cannot fit the model's context)",
+            param=param,
+        )
+
+
+def _read_prompts(body: dict[str, Any], limits: RequestLimits) -> list[Prompt]:
     """`prompt`: a string, strings, token ids, or lists of token ids (OpenAI's four forms)."""
     prompt = body.get("prompt")
     expected = "a string, an array of strings, an array of token ids or an array of arrays of them"
     if prompt is None:
         raise APIError("prompt is required", param="prompt")
     if isinstance(prompt, str):
+        check_prompt_chars(len(prompt), limits)
         return [prompt]
     if not isinstance(prompt, list) or not prompt:
         raise APIError(f"prompt must be a non-empty {expected}", param="prompt")
     if all(isinstance(p, str) for p in prompt):
+        if len(prompt) > limits.max_prompts:
+            raise APIError(
+                f"prompt has {len(prompt)} prompts; this server accepts at most "
+                f"{limits.max_prompts} per request",
+                param="prompt",
+            )
+        for p in prompt:
+            check_prompt_chars(len(p), limits)
         return list(prompt)
     if all(_is_int(t) for t in prompt):
         return [list(prompt)]
     if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt):
+        if len(prompt) > limits.max_prompts:
+            raise APIError(
+                f"prompt has {len(prompt)} prompts; this server accepts at most "
+                f"{limits.max_prompts} per request",
+                param="prompt",
+            )
         return [list(p) for p in prompt]
     raise APIError(f"prompt must be {expected} (none of them empty)", param="prompt")
 
@@ -366,9 +488,13 @@ class ChatRequest:
     chat_template_kwargs: dict[str, Any]
 
 
-def parse_chat_request(body: dict[str, Any], max_logprobs: int) -> ChatRequest:
+def parse_chat_request(
+    body: dict[str, Any], max_logprobs: int, limits: RequestLimits | None = None
+) -> ChatRequest:
+    limits = limits or RequestLimits()
     common = _read_common(body)
-    messages = _read_messages(body)
+    sampling = _read_sampling_fields(body, limits)
+    messages = _read_messages(body, limits)
     max_tokens = get_field(body, "max_completion_tokens", "int")
     if max_tokens is None:
         max_tokens = get_field(body, "max_tokens", "int")
@@ -396,6 +522,20 @@ def parse_chat_request(body: dict[str, Any], max_logprobs: int) -> ChatRequest:
     if tool_choice not in (None, "none", "auto"):
         raise APIError("tool_choice other than none or auto is not supported", param="tool_choice")
     kwargs = dict(get_field(body, "chat_template_kwargs", "object", {}))
+    chat_template = get_field(body, "chat_template", "str")
+    if (chat_template is not None or "chat_template" in kwargs) and (
+        not limits.trust_request_chat_template
+    ):
+        raise APIError(
+            "A chat template was passed with the request, but this server does not run request "
+            "templates (start it with --trust-request-chat-template to allow them)",
+            param="chat_template",
+        )
+    if "chat_template" in kwargs:  # vLLM accepts it there too
+        template = kwargs.pop("chat_template")
+        if not isinstance(template, str):
+            raise _wrong_type("chat_template", "a string", template)
+        chat_template = chat_template or template
     tools = get_field(body, "tools", "list")
     if tools is not None and tool_choice != "none":
         kwargs.setdefault("tools", tools)
@@ -403,7 +543,7 @@ def parse_chat_request(body: dict[str, Any], max_logprobs: int) -> ChatRequest:
     return ChatRequest(
         model=common["model"],
         messages=messages,
-        sampling=_read_sampling_fields(body),
+        sampling=sampling,
         max_tokens=max_tokens,
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
@@ -411,16 +551,19 @@ def parse_chat_request(body: dict[str, Any], max_logprobs: int) -> ChatRequest:
         stream_options=stream_options,
         return_tokens_as_token_ids=common["return_tokens_as_token_ids"],
         add_generation_prompt=get_field(body, "add_generation_prompt", "bool", True),
-        chat_template=get_field(body, "chat_template", "str"),
+        chat_template=chat_template,
         chat_template_kwargs=kwargs,
     )
 
 
-def _read_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+def _read_messages(body: dict[str, Any], limits: RequestLimits) -> list[dict[str, Any]]:
+    """Messages as given (every key kept: tool_calls, tool_call_id, name... reach the template);
+    `content` is a string, an array of text parts or null. Their text is bounded in total."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("messages must be a non-empty array of message objects", param="messages")
     checked = []
+    num_chars = 0
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -436,11 +579,15 @@ def _read_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                     )
                 if not isinstance(part.get("text"), str):
                     raise APIError(f"{where}.content: a text part needs text", param="messages")
-        elif content is not None and not isinstance(content, str):
+                num_chars += len(part["text"])
+        elif isinstance(content, str):
+            num_chars += len(content)
+        elif content is not None:
             raise APIError(
                 f"{where}.content must be a string, an array of parts or null", param="messages"
             )
         checked.append(dict(message))
+    check_prompt_chars(num_chars, limits, "messages")
     return checked
 
 
@@ -612,7 +759,7 @@ def completion_response(
         "created": created,
         "model": model,
         "choices": choices,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     if usage_ is not None or not chunk:
         body["usage"] = usage_
@@ -649,7 +796,7 @@ def chat_response(
         "model": model,
         "choices": choices,
         "usage": usage_,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
 
@@ -667,7 +814,7 @@ def chat_chunk(
         "created": created,
         "model": model,
         "choices": choices,
-        "system_fingerprint": None,
+        "system_fingerprint": SYSTEM_FINGERPRINT,
     }
     if usage_ is not None or include_usage_field:
         body["usage"] = usage_
@@ -701,13 +848,14 @@ def sse(data: dict[str, Any] | str) -> bytes:
 SSE_DONE = sse("[DONE]")
 
 
-def model_card(name: str, root: str, max_model_len: int, created: int) -> dict[str, Any]:
+def model_card(name: str, max_model_len: int, created: int) -> dict[str, Any]:
+    """A model's entry in /v1/models; `root` is its served name (never a filesystem path)."""
     return {
         "id": name,
         "object": "model",
         "created": created,
         "owned_by": "engine",
-        "root": root,
+        "root": name,
         "parent": None,
         "max_model_len": max_model_len,
     }

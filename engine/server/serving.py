@@ -1,0 +1,288 @@
+"""Responses and Server-Sent Event streams for the generation routes.
+
+`CompletionJob` and `ChatJob` turn one HTTP request's engine outputs (cumulative
+`RequestOutput`s from its streams) into OpenAI's response body or its stream chunks; each choice
+keeps what it already sent (`_ChoiceState`), so chunks carry only new text, tokens and logprobs.
+`stream_sse` writes the chunks; a failure after the stream has started is sent as an SSE error
+event followed by `data: [DONE]`, and whatever ends the stream closes the request's engine
+streams (aborting what did not finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engine.async_engine import RequestStream, merge_streams
+from engine.request import RequestOutput
+from engine.server import protocol as P
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ChatJob", "CompletionJob", "stream_sse"]
+
+# ---- streaming -----------------------------------------------------------------------------------
+
+ChunkSource = Callable[[list[RequestStream]], Any]  # -> AsyncIterator[dict]
+
+
+async def stream_sse(
+    request: web.Request,
+    streams: list[RequestStream],
+    chunks: ChunkSource,
+    to_api_error: Callable[[Exception], P.APIError],
+) -> web.StreamResponse:
+    """Writes `data: {chunk}` events, then `data: [DONE]`; a failure becomes an error event."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    try:
+        await response.prepare(request)
+        try:
+            async with contextlib.aclosing(chunks(streams)) as events:
+                async for event in events:
+                    await response.write(P.sse(event))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as e:
+            error = to_api_error(e)
+            if error.status >= 500:
+                logger.error("stream failed: %s", error.message)
+            await response.write(P.sse(error.body()))
+        await response.write(P.SSE_DONE)
+        await response.write_eof()
+    except ConnectionError:
+        logger.info("client disconnected; aborting %s", ", ".join(s.request_id for s in streams))
+    finally:
+        for stream in streams:
+            stream.close()  # aborts whatever did not finish
+    return response
+
+
+@dataclass
+class _ChoiceState:
+    """What was already sent of one choice."""
+
+    text_len: int = 0  # characters of the output text
+    num_tokens: int = 0  # output token ids
+    sent_chars: int = 0  # characters sent, echoed prompt included (logprobs text_offset)
+    started: bool = False
+    done: bool = False
+
+
+class CompletionJob:
+    """Builds /v1/completions responses and chunks for one request (all its prompts)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        req: P.CompletionRequest,
+        model: str,
+        response_id: str,
+        created: int,
+        encoded: list[tuple[str | None, list[int]]],
+        echo_only: bool,
+    ) -> None:
+        self.req = req
+        self.model = model
+        self.response_id = response_id
+        self.created = created
+        self.encoded = encoded
+        self.echo_only = echo_only
+        self.n = int(req.sampling.get("n", 1))
+        self.token_text = P.TokenText(tokenizer, req.return_tokens_as_token_ids)
+
+    def _prompt_positions(self, out: RequestOutput) -> list[Any]:
+        if out.prompt_logprobs is not None:
+            return list(out.prompt_logprobs)
+        return [None] * len(out.prompt_token_ids)
+
+    def _choice_parts(
+        self, prompt_index: int, out: RequestOutput, sample: int, state: _ChoiceState
+    ) -> tuple[str, list[int], list[Any], bool]:
+        """(new text, new token ids, their logprob positions, includes the prompt) to send."""
+        c = out.outputs[sample]
+        prompt_text, prompt_ids = self.encoded[prompt_index]
+        prompt_text = prompt_text or ""  # decoded whenever echo is on
+        if self.echo_only:
+            if state.started:
+                return "", [], [], False
+            return prompt_text, prompt_ids, self._prompt_positions(out), True
+        text = c.text[state.text_len :]
+        ids = c.token_ids[state.num_tokens :]
+        positions: list[Any] = list((c.logprobs or [])[state.num_tokens :]) or [{}] * len(ids)
+        state.text_len, state.num_tokens = len(c.text), len(c.token_ids)
+        if self.req.echo and not state.started:
+            return (
+                prompt_text + text,
+                prompt_ids + ids,
+                self._prompt_positions(out) + positions,
+                True,
+            )
+        return text, ids, positions, False
+
+    def _logprobs(self, ids: list[int], positions: list[Any], offset: int) -> dict[str, Any] | None:
+        if self.req.logprobs is None:
+            return None
+        return P.completion_logprobs(ids, positions, self.req.logprobs, self.token_text, offset)
+
+    def _usage(self, outs: list[RequestOutput | None]) -> dict[str, int]:
+        prompt_tokens = sum(len(ids) for _, ids in self.encoded)
+        completion = (
+            0
+            if self.echo_only
+            else sum(len(c.token_ids) for o in outs if o is not None for c in o.outputs)
+        )
+        return P.usage(prompt_tokens, completion)
+
+    def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for i, out in enumerate(finals):
+            for sample, c in enumerate(out.outputs):
+                text, ids, positions, _ = self._choice_parts(i, out, sample, _ChoiceState())
+                finish = "length" if self.echo_only else c.finish_reason
+                stop_reason = None if self.echo_only else c.stop_reason
+                choices.append(
+                    P.completion_choice(
+                        i * self.n + c.index,
+                        text,
+                        self._logprobs(ids, positions, 0),
+                        finish,
+                        stop_reason,
+                    )
+                )
+        return P.completion_response(
+            self.response_id, self.created, self.model, choices, self._usage(list(finals))
+        )
+
+    async def chunks(self, streams: list[RequestStream]) -> Any:
+        opts = self.req.stream_options
+        states = {(i, s): _ChoiceState() for i in range(len(streams)) for s in range(self.n)}
+        latest: list[RequestOutput | None] = [None] * len(streams)
+        async with contextlib.aclosing(merge_streams(streams)) as merged:
+            async for i, out in merged:
+                latest[i] = out
+                for sample, c in enumerate(out.outputs):
+                    state = states[(i, sample)]
+                    if state.done or (self.echo_only and c.finish_reason is None):
+                        continue
+                    offset = state.sent_chars
+                    text, ids, positions, _ = self._choice_parts(i, out, sample, state)
+                    finish = None
+                    if c.finish_reason is not None:
+                        finish = "length" if self.echo_only else c.finish_reason
+                    if not text and not ids and finish is None:
+                        continue
+                    state.started = True
+                    state.done = finish is not None
+                    state.sent_chars += len(text)
+                    choice = P.completion_choice(
+                        i * self.n + c.index,
+                        text,
+                        self._logprobs(ids, positions, offset),
+                        finish,
+                        None if self.echo_only or finish is None else c.stop_reason,
+                    )
+                    usage = self._usage(latest) if opts.continuous_usage_stats else None
+                    yield P.completion_response(
+                        self.response_id, self.created, self.model, [choice], usage, chunk=True
+                    )
+        if opts.include_usage:
+            yield P.completion_response(
+                self.response_id, self.created, self.model, [], self._usage(latest), chunk=True
+            )
+
+
+class ChatJob:
+    """Builds /v1/chat/completions responses and chunks for one request."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        req: P.ChatRequest,
+        model: str,
+        response_id: str,
+        created: int,
+        num_prompt_tokens: int,
+        n: int,
+    ) -> None:
+        self.req = req
+        self.model = model
+        self.response_id = response_id
+        self.created = created
+        self.num_prompt_tokens = num_prompt_tokens
+        self.n = n
+        self.token_text = P.TokenText(tokenizer, req.return_tokens_as_token_ids)
+
+    def _logprobs(self, ids: list[int], positions: list[Any]) -> list[dict[str, Any]] | None:
+        if not self.req.logprobs:
+            return None
+        return P.chat_logprobs_content(ids, positions, self.req.top_logprobs, self.token_text)
+
+    def _usage(self, out: RequestOutput | None) -> dict[str, int]:
+        generated = sum(len(c.token_ids) for c in out.outputs) if out is not None else 0
+        return P.usage(self.num_prompt_tokens, generated)
+
+    def response(self, final: RequestOutput) -> dict[str, Any]:
+        choices = [
+            P.chat_choice(
+                c.index,
+                c.text,
+                self._logprobs(c.token_ids, list(c.logprobs or [{}] * len(c.token_ids))),
+                c.finish_reason,
+                c.stop_reason,
+            )
+            for c in final.outputs
+        ]
+        return P.chat_response(
+            self.response_id, self.created, self.model, choices, self._usage(final)
+        )
+
+    async def chunks(self, streams: list[RequestStream]) -> Any:
+        opts = self.req.stream_options
+        states = [_ChoiceState() for _ in range(self.n)]
+        latest: RequestOutput | None = None
+
+        def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+            usage = self._usage(latest) if opts.continuous_usage_stats else None
+            return P.chat_chunk(
+                self.response_id, self.created, self.model, [choice], usage, opts.include_usage
+            )
+
+        async with contextlib.aclosing(merge_streams(streams)) as merged:
+            async for _, out in merged:
+                latest = out
+                for c in out.outputs:
+                    state = states[c.index]
+                    if state.done:
+                        continue
+                    if not state.started:
+                        state.started = True
+                        yield chunk(
+                            P.chat_chunk_choice(c.index, {"role": "assistant", "content": ""})
+                        )
+                    text = c.text[state.text_len :]
+                    ids = c.token_ids[state.num_tokens :]
+                    positions = list((c.logprobs or [])[state.num_tokens :]) or [{}] * len(ids)
+                    state.text_len, state.num_tokens = len(c.text), len(c.token_ids)
+                    finish = c.finish_reason
+                    if not text and not ids and finish is None:
+                        continue
+                    state.done = finish is not None
+                    yield chunk(
+                        P.chat_chunk_choice(
+                            c.index,
+                            {"content": text} if text or finish is None else {},
+                            self._logprobs(ids, positions),
+                            finish,
+                            c.stop_reason,
+                        )
+                    )
+        if opts.include_usage:
+            yield P.chat_chunk(self.response_id, self.created, self.model, [], self._usage(latest))

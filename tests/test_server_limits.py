@@ -1,0 +1,263 @@
+"""Issue 12: one client must not kill, freeze or exhaust the server.
+
+Connections that never finish their headers are closed; connections beyond the cap get a 503;
+chat templates render off the event loop with a time and size bound; tokenizing runs off the
+event loop; shutdown keeps its deadline when clients stop reading. While the slow work runs,
+`/health` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import pytest
+
+from engine import EngineArgs, LLMEngine
+from engine.server import OpenAIServer, ServerConfig, ServerThread
+
+ENGINE_KW = {
+    "dtype": "float64",
+    "block_size": 4,
+    "kv_cache_memory_bytes": 16 * 2**20,
+    "max_model_len": 256,
+    "seed": 0,
+}
+MODEL = "tiny"
+MESSAGES = [{"role": "user", "content": "Hi"}]
+HEAVY_LOOP = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def make_server(llama_path, engine_kw: dict | None = None, **config: Any) -> ServerThread:
+    engine = LLMEngine(EngineArgs(model=str(llama_path), **{**ENGINE_KW, **(engine_kw or {})}))
+    defaults = {"served_model_names": (MODEL,), "log_stats_interval": None, "access_log": False}
+    return ServerThread(OpenAIServer(engine, ServerConfig(**{**defaults, **config})))
+
+
+@pytest.fixture(scope="module")
+def server(llama_path):
+    config = {
+        "request_header_timeout": 1.0,
+        "max_connections": 6,
+        "trust_request_chat_template": True,
+        "chat_template_timeout": 1.0,
+    }
+    with make_server(llama_path, **config) as thread:
+        yield thread
+
+
+def call(
+    method: str, url: str, body: Any = None, timeout: float = 60
+) -> tuple[int, dict[str, str], bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def address(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def health_latencies(url: str, stop: threading.Event) -> list[float]:
+    """Times /health until `stop` is set (at least once)."""
+    latencies = []
+    while True:
+        start = time.monotonic()
+        status, _, _ = call("GET", url + "/health", timeout=30)
+        assert status == 200
+        latencies.append(time.monotonic() - start)
+        if stop.wait(0.05):
+            return latencies
+
+
+def run_while_timing_health(url: str, work) -> tuple[Any, list[float]]:
+    result: list[Any] = []
+    done = threading.Event()
+
+    def target():
+        try:
+            result.append(work())
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    latencies = health_latencies(url, done)
+    thread.join(60)
+    return result[0], latencies
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def assert_serves(url: str) -> None:
+    body = {"model": MODEL, "prompt": "The river", "max_tokens": 3, "temperature": 0}
+    status, _, raw = call("POST", url + "/v1/completions", body)
+    assert status == 200, raw
+
+
+def test_connections_without_headers_are_closed(server):
+    host, port = address(server.url)
+    socks = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection((host, port), timeout=10)
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # never finished
+            socks.append(sock)
+        start = time.monotonic()
+        for sock in socks:
+            assert sock.recv(1024) == b""  # closed by the server
+        assert time.monotonic() - start < 5
+    finally:
+        for sock in socks:
+            sock.close()
+    assert server.server.connections.num_timed_out >= 4
+    assert_serves(server.url)
+
+
+def test_connections_beyond_the_cap_get_503(server):
+    host, port = address(server.url)
+    guard = server.server.connections
+    wait_until(lambda: guard.num_open == 0)
+    idle = [socket.create_connection((host, port), timeout=10) for _ in range(6)]
+    try:
+        wait_until(lambda: guard.num_open == 6)  # all six accepted
+        extra = socket.create_connection((host, port), timeout=10)
+        try:
+            extra.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while chunk := extra.recv(4096):
+                reply += chunk
+        finally:
+            extra.close()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503")
+        assert json.loads(body)["error"]["code"] == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_until(lambda: guard.num_open == 0)
+    assert_serves(server.url)
+
+
+def test_request_chat_template_is_bounded_and_off_the_event_loop(server):
+    def heavy() -> tuple[int, bytes, float]:
+        start = time.monotonic()
+        body = {"model": MODEL, "messages": MESSAGES, "chat_template": HEAVY_LOOP}
+        status, _, raw = call("POST", server.url + "/v1/chat/completions", body)
+        return status, raw, time.monotonic() - start
+
+    (status, raw, elapsed), latencies = run_while_timing_health(server.url, heavy)
+    assert status == 400 and json.loads(raw)["error"]["param"] == "messages"
+    assert "longer than 1 s" in json.loads(raw)["error"]["message"]
+    assert elapsed < 10
+    assert max(latencies) < 1.0, latencies
+    # Output size: a template that builds 21 MB of text is refused before it is tokenized.
+    body = {"model": MODEL, "messages": MESSAGES, "chat_template": "{{ 'ab ' * 7000000 }}"}
+    status, _, raw = call("POST", server.url + "/tokenize", body)
+    assert status == 400 and "characters" in json.loads(raw)["error"]["message"]
+    # A trusted request template that is fine renders (the server's stays the default).
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    }
+    status, _, raw = call("POST", server.url + "/tokenize", body)
+    assert status == 200 and json.loads(raw)["count"] >= 1
+    assert_serves(server.url)
+
+
+def test_tokenizing_runs_off_the_event_loop(server, monkeypatch):
+    tokenizer = server.server.inputs.tokenizer
+    real_encode = tokenizer.encode
+
+    def slow_encode(*args, **kwargs):
+        time.sleep(1.5)
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+    (status, _, raw), latencies = run_while_timing_health(
+        server.url, lambda: call("POST", server.url + "/tokenize", {"prompt": "Hello"})
+    )
+    monkeypatch.undo()
+    assert status == 200 and json.loads(raw)["tokens"] == real_encode("Hello")
+    assert max(latencies) < 1.0, latencies
+
+
+def test_shutdown_keeps_its_deadline_when_clients_stop_reading(llama_path):
+    """A streaming client that stops reading blocks its handler's writes; shutdown must still
+    end within --shutdown-timeout plus about a second."""
+    thread = make_server(llama_path, {"max_model_len": 512}, shutdown_timeout=1.0)
+    thread.start()
+    body = {
+        "model": MODEL,
+        "prompt": "Once",
+        "max_tokens": 500,
+        "n": 16,
+        "ignore_eos": True,
+        "logprobs": 20,  # fat chunks: more than the socket buffers hold
+        "stream": True,
+    }
+    payload = json.dumps(body).encode()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a tiny window
+    try:
+        sock.connect(address(thread.url))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")  # flowing; from now on nobody reads
+        deadline = time.monotonic() + 60
+        while thread.server.async_engine.stats.generation_tokens_total < 16 * 300:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # The handler is stuck writing to the client that does not read.
+        start = time.monotonic()
+        thread.stop(timeout=60)
+        elapsed = time.monotonic() - start
+    finally:
+        sock.close()
+    assert not thread._thread.is_alive()
+    assert elapsed < 1.0 + 2.5, elapsed
+
+
+def test_limit_flags_map_onto_server_config(llama_path):
+    from engine.server import __main__ as cli
+
+    ns = cli.build_parser().parse_args(
+        [
+            "--model", str(llama_path), "--trust-request-chat-template", "--max-n", "4",
+            "--max-connections", "0", "--request-header-timeout", "2.5",
+            "--max-request-body-bytes", "1MiB", "--max-stop-strings", "8",
+            "--chat-template-timeout", "0.5", "--quantization", "int8",
+        ]
+    )  # fmt: skip
+    config = cli.server_config_from(ns)
+    assert config.trust_request_chat_template and config.max_n == 4
+    assert config.max_connections is None and config.request_header_timeout == 2.5
+    assert config.max_request_body_bytes == 2**20 and config.max_stop_strings == 8
+    assert config.chat_template_timeout == 0.5
+    assert ns.quantization == "int8" and "quantization" in cli.ENGINE_FLAGS
+    defaults = cli.server_config_from(cli.build_parser().parse_args([]))
+    assert defaults == ServerConfig(
+        served_model_names=(cli.DEMO_MODEL_NAME,), api_key=defaults.api_key
+    )
