@@ -136,6 +136,8 @@ class LLMEngine:
         # Unseeded requests draw their sampling seed from here: reproducible per engine seed.
         self._seed_rng = random.Random(args.seed)
         self._groups: dict[str, _Group] = {}
+        # The caller's ids of the requests in the last step that raised (see step()).
+        self.failed_request_ids: tuple[str, ...] = ()
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
 
@@ -302,6 +304,8 @@ class LLMEngine:
         go back to the waiting queue with nothing computed (`Scheduler.rollback_step`), then
         the error propagates. The caller may abort those requests (the server does) or step on
         (they are recomputed); either way no later request reads K/V the step never finished.
+        `failed_request_ids` then lists the caller's ids of the requests that were in the step
+        (requests waiting outside it are untouched).
         """
         output = self.scheduler.schedule()
         if output.is_empty:
@@ -310,6 +314,11 @@ class LLMEngine:
             touched = self._run_step(output)
         except BaseException:
             self.scheduler.rollback_step(output)
+            self.failed_request_ids = tuple(
+                dict.fromkeys(
+                    item.request.parent_id or item.request.request_id for item in output.scheduled
+                )
+            )
             raise
         self.scheduler.commit_step()
         return self._make_outputs(touched)

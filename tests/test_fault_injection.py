@@ -188,6 +188,7 @@ def test_a_failed_step_leaves_no_poisoned_block(
         for _ in range(50):
             engine.step()
     assert fault.fired
+    assert sorted(engine.failed_request_ids) == ids  # all four were in the failed step
     engine.abort_request(ids)  # what the server does with the requests of a failed step
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.kv_cache_usage == 0.0
