@@ -17,21 +17,54 @@ Invariants:
   therefore never see text that a later match would cut off.
 * Text appended with `check=False` (before `min_tokens`) is never matched on its own: a match
   must end in text appended with `check=True`.
+
+Cost: each stop string is a Knuth-Morris-Pratt automaton whose state is the length of the
+longest suffix of the text that is a prefix of that stop string. Appending a delta advances the
+states over the delta's characters only (amortised O(len(delta) x number of stops), whatever
+the length of the text or of the stop strings), and the held-back tail is the largest state, so
+neither the search nor the hold-back ever rescans earlier text. The failure tables are built
+once per distinct stop list and shared by the checkers of a request's samples.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+
+
+@functools.lru_cache(maxsize=256)
+def _failure_tables(stops: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    """KMP prefix function per stop string: table[i] = length of the longest proper border of
+    stop[: i + 1]."""
+    tables = []
+    for stop in stops:
+        table = [0] * len(stop)
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = table[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            table[i] = k
+        tables.append(tuple(table))
+    return tuple(tables)
+
+
+@functools.lru_cache(maxsize=256)
+def _alphabet(stops: tuple[str, ...]) -> frozenset[str]:
+    return frozenset("".join(stops))
 
 
 class StopStringChecker:
     def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False) -> None:
-        self.stop = tuple(stop)
+        self.stop = tuple(s for s in stop if s)
         self.include_stop_str_in_output = include_stop_str_in_output
         self.matched: str | None = None  # the stop string that ended the text, once found
         self._text = ""
-        # A match must end after this many characters (the text already searched).
-        self._searched = 0
+        self._tables = _failure_tables(self.stop)
+        self._alphabet = _alphabet(self.stop)
+        # Per stop: the length of the longest suffix of the text that is a prefix of it.
+        self._states = [0] * len(self.stop)
 
     @property
     def text(self) -> str:
@@ -42,23 +75,36 @@ class StopStringChecker:
         """Adds text; returns the stop string that this text completed, if any (only once)."""
         if self.matched is not None or not delta:
             return None
+        start = len(self._text)
         self._text += delta
-        if not check or not self.stop:
-            self._searched = len(self._text)
+        if not self.stop:
             return None
-        best: tuple[int, int, str] | None = None  # (end, -len, stop string)
-        for stop in self.stop:
-            start = self._text.find(stop, max(0, self._searched - len(stop) + 1))
-            if start >= 0:
-                candidate = (start + len(stop), -len(stop), stop)
-                best = candidate if best is None or candidate < best else best
-        self._searched = len(self._text)
-        if best is None:
-            return None
-        end, _, stop = best
-        self._text = self._text[: end if self.include_stop_str_in_output else end - len(stop)]
-        self.matched = stop
-        return stop
+        stops, tables, states, alphabet = self.stop, self._tables, self._states, self._alphabet
+        for offset, char in enumerate(delta):
+            if char not in alphabet:  # no stop string has it: every partial match breaks
+                for j in range(len(states)):
+                    states[j] = 0
+                continue
+            best: str | None = None  # the longest stop string ending at this character
+            for j, stop in enumerate(stops):
+                state = states[j]
+                while state and stop[state] != char:
+                    state = tables[j][state - 1]
+                if stop[state] == char:
+                    state += 1
+                if state == len(stop):
+                    if check and (best is None or len(stop) > len(best)):
+                        best = stop
+                    state = tables[j][state - 1]
+                states[j] = state
+            if best is not None:
+                end = start + offset + 1
+                self._text = self._text[
+                    : end if self.include_stop_str_in_output else end - len(best)
+                ]
+                self.matched = best
+                return best
+        return None
 
     def visible_text(self, finished: bool) -> str:
         """The text a caller may be shown now: all of it once finished or matched; otherwise
@@ -70,9 +116,4 @@ class StopStringChecker:
         return self._text[: len(self._text) - self._held_back()]
 
     def _held_back(self) -> int:
-        longest = min(max(len(s) for s in self.stop) - 1, len(self._text))
-        for size in range(longest, 0, -1):
-            tail = self._text[-size:]
-            if any(stop.startswith(tail) for stop in self.stop):
-                return size
-        return 0
+        return max(self._states, default=0)

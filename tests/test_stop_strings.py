@@ -199,3 +199,24 @@ def test_streamed_text_never_shows_a_stop_string(llama_path, free_run):
     first = final.outputs[0]
     assert first.text == free.text[: free.text.index(stop)] and first.stop_reason == stop
     assert engine.scheduler.num_running == 0 and engine.scheduler.kv_cache_usage == 0.0
+
+
+def test_check_cost_does_not_grow_with_text_or_stop_length():
+    """Issue 12: 64 stop strings of 1,024 characters, text fed one character at a time. The
+    check advances over the new characters only; the old one re-tested every tail length up to
+    the longest stop string against every stop string on each append (about 100x slower here;
+    1,000 stops of 4,000 characters made a request 35x slower in the issue)."""
+    import time
+
+    stops = [f"{i:02d}" + "a" * 1022 for i in range(64)]
+    checker = StopStringChecker(stops)
+    start = time.perf_counter()
+    for _ in range(2000):
+        assert checker.append("a") is None
+        assert len(checker.visible_text(finished=False)) == len(checker.text)  # nothing held
+    elapsed = time.perf_counter() - start
+    assert checker.append("x07" + "a" * 1000) is None
+    assert len(checker.visible_text(finished=False)) == 2001  # "07a..." may become a stop
+    assert checker.append("a" * 22 + "tail") == stops[7]
+    assert checker.text == "a" * 2000 + "x"
+    assert elapsed < 2.0, elapsed
