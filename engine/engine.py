@@ -525,7 +525,11 @@ class LLM:
         # Only the final outputs are kept (as vLLM's LLM does): no per-step output copies.
         params_list = [p.replace(output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list]
         ids = self._add_all(prompts, params_list)
-        return self._run(ids, use_tqdm)
+        try:
+            return self._run(ids, use_tqdm)
+        except BaseException:
+            self.llm_engine.abort_request(ids)  # a failed step or Ctrl-C: leave nothing behind
+            raise
 
     def chat(
         self,

@@ -230,3 +230,22 @@ def test_the_engine_can_step_on_after_a_failed_step(llama_path, clean, scheduler
     assert [final[f"a{i}"] for i in range(len(PROMPTS))] == [tokens for tokens, _ in want]
     assert engine.scheduler.kv_cache_usage == 0.0
     assert engine.get_stats().scheduler.num_preemptions_total == 0  # a reset, not a preemption
+
+
+def test_llm_generate_leaves_nothing_behind_when_a_step_fails(llama_path, clean):
+    from engine import LLM
+
+    want, _, _ = clean
+    llm = LLM(str(llama_path), dtype="float64", block_size=4)
+    fault = Fault()
+    handle = decoder_layers(llm.llm_engine.runner.model)[0].register_forward_hook(
+        lambda *a: fault()
+    )
+    fault.armed = True
+    with pytest.raises(InjectedFault):
+        llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert llm.llm_engine.scheduler.kv_cache_usage == 0.0
+    handle.remove()
+    outs = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [tokens for tokens, _ in want]
