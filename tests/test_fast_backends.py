@@ -448,3 +448,24 @@ def test_real_flash_attn_softcap_matches_reference(requests, block_size, sliding
     expected, _, _ = run_backend(ReferenceAttention(), batch, sliding_window, softcap=5.0)
     out, _, _ = run_backend(backend, batch, sliding_window, softcap=5.0)
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---- bench/kernels.py ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [[], ["--softcap", "30", "--query-len", "5"]])
+def test_kernels_bench_quick(extra, capsys, monkeypatch):
+    """The kernel bench runs (and checks torch == reference on every cell) in seconds."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    monkeypatch.syspath_prepend(str(bench_dir))  # for its `from common import ...`
+    spec = importlib.util.spec_from_file_location("bench_kernels", bench_dir / "kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_kernels", module)
+    spec.loader.exec_module(module)
+    assert module.main(["--quick", *extra]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and out.count("x |") == 4  # 2 batch sizes x 2 contexts
