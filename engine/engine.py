@@ -142,11 +142,13 @@ class LLMEngine:
         self.num_generation_tokens_total = 0
 
     def _dummy_forward(self) -> None:
-        """The memory profile's step, through the target and then the draft model."""
+        """The memory profile's step, through the target and then the draft model. With
+        speculation the target scores k + 1 rows per request (its verification)."""
         block_size = self.args.block_size
         budget = self.scheduler_config.max_num_batched_tokens
         rows = self.scheduler_config.max_num_seqs
-        dummy_forward(self.model, self.model_config, budget, rows, block_size)
+        k = self.speculator.k if self.speculator is not None else 0
+        dummy_forward(self.model, self.model_config, budget, rows * (k + 1), block_size)
         if self.speculator is not None and self.speculator.draft is not None:
             draft = self.speculator.draft
             dummy_forward(draft.model, draft.model_config, budget, rows, block_size)

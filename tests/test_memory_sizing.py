@@ -114,8 +114,9 @@ def test_engine_sizes_after_loading_target_and_draft_and_a_dummy_step(
             speculative_config=spec,
         )
     )
-    # target (2 layers) then draft (1 layer), each over the whole token budget
-    assert dummy_runs == [(2, 96, 8), (1, 96, 8)]
+    # target (2 layers, k + 1 verification rows per request) then draft (1 layer), each over
+    # the whole token budget
+    assert dummy_runs == [(2, 96, 8 * 3), (1, 96, 8)]
     per_block = bytes_per_block(engine.model_config, 4) + bytes_per_block(
         engine.speculator.draft.model_config, 4
     )
