@@ -141,7 +141,11 @@ class KVCacheManager:
 
     def trim(self, request: Request, num_tokens: int) -> None:
         """Frees blocks beyond those num_tokens tokens need (after rejected speculative tokens),
-        and forgets hashes of blocks that are no longer full of computed tokens."""
+        and forgets hashes of blocks that are no longer full of computed tokens. The freed
+        blocks held only draft slots: registrations never cover speculative tokens and a
+        request's tokens only grow, so no registered block is trimmed (and a rejected draft's
+        K/V in a kept block is overwritten by the step that computes the real token there, the
+        same step whose success commits that block's registration)."""
         blocks = self._blocks.get(request.request_id)
         if blocks is None:
             return
