@@ -206,3 +206,27 @@ def test_reference_engine_runs_the_reference_moe(family_root, tokenizer):
         model = llm.llm_engine.model
         blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
         assert len(blocks) == 2 and {b.implementation for b in blocks} == {implementation}
+
+
+def test_layer_sliding_windows_match_the_built_models(family_root, tokenizer, checkpoints):
+    """registry.layer_sliding_windows (for KV-cache accounting) says what each model builds."""
+    from transformers import AutoConfig
+
+    from engine.fast.torch_native import TorchNativeAttention
+    from engine.models.layers import Attention
+
+    paths = {key: family_checkpoint(family_root, key, tokenizer) for key in FAMILY_VARIANTS}
+    paths |= {key: checkpoints.variant(key) for key in ("llama", "mistral-sliding", "qwen2")}
+    expected = {"gemma2": [8, None], "mixtral": [12, 12], "llama": [None, None]}
+    expected["mistral-sliding"] = [12, 12]
+    for key, path in paths.items():
+        cfg = AutoConfig.from_pretrained(path)
+        arch = cfg.architectures[0]
+        windows = registry.layer_sliding_windows(cfg, arch)
+        model = registry.get_model_class(arch)(
+            cfg, arch, TorchNativeAttention(), 64, torch.float32, torch.device("cpu")
+        )
+        built = [m.sliding_window for m in model.modules() if isinstance(m, Attention)]
+        assert windows == built, key
+        if key in expected:
+            assert windows == expected[key], key

@@ -34,6 +34,22 @@ def resolve_architecture(hf_config: Any) -> str:
     )
 
 
+def layer_sliding_windows(hf_config: Any, architecture: str) -> list[int | None]:
+    """Each layer's sliding window (None: global), as the architecture's model builds it.
+
+    For KV-cache accounting: a block that falls out of every layer's window is never read
+    again, so a model whose layers all slide needs at most about window - 1 + chunk tokens per
+    request, and a model with any global layer needs the whole context.
+    """
+    from engine.models.base import layer_sliding_window
+
+    num_layers = int(hf_config.num_hidden_layers)
+    if architecture == "MistralForCausalLM":  # Mistral ignores layer_types
+        window = getattr(hf_config, "sliding_window", None)
+        return [int(window) if window else None] * num_layers
+    return [layer_sliding_window(hf_config, i) for i in range(num_layers)]
+
+
 def get_model_class(architecture: str) -> type:
     import importlib
 
