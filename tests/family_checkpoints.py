@@ -53,7 +53,7 @@ FAMILY_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": (
         "Gemma3ForCausalLM",
         {
-            "head_dim": 32,
+            "head_dim": 256,  # as released Gemma 3
             "sliding_window": 8,
             "layer_types": ["sliding_attention", "full_attention"],
             "rope_parameters": {
