@@ -3,7 +3,10 @@
 One `step()`: the scheduler picks the work, the runner computes it in one packed forward and
 samples, the scheduler applies the samples, and the engine turns the updated requests into
 `RequestOutput`s (detokenizing incrementally). A prompt with `n > 1` becomes n engine requests
-(samples) grouped under the caller's request id; its output lists the n completions.
+(samples) grouped under the caller's request id; its output lists the n completions. What an
+output carries follows the request's `SamplingParams.output_kind`: everything so far
+(CUMULATIVE), only what is new since its previous output (DELTA, built in time proportional to
+that), or one output at the end (FINAL_ONLY, what `LLM.generate` uses).
 
 Invariants: every request id the caller gives is unique among live requests; a request that
 fails validation is never added (nothing else is touched); once a group's requests have all

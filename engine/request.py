@@ -221,7 +221,10 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """What `LLM.generate` returns per prompt and `LLMEngine.step` yields per update."""
+    """What `LLM.generate` returns per prompt and `LLMEngine.step` yields per update.
+
+    With `output_kind=DELTA`, `outputs` lists only the samples that advanced since the previous
+    output, each holding only its new tokens, text and logprobs (see `RequestOutputKind`)."""
 
     request_id: str
     prompt: str | None
