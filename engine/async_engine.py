@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from engine.config import EngineArgs
+from engine.cpu_malloc import HeapTrimmer
 from engine.engine import EngineStats, LLMEngine, PromptType
 from engine.request import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -210,12 +211,15 @@ class AsyncEngine:
         *,
         max_waiting_requests: int | None = None,
         observer: RequestObserver | None = None,
+        heap_trimmer: HeapTrimmer | None = None,
     ) -> None:
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.observer = observer
+        # Returns a spike's freed heap to the kernel (checked between steps, rate-limited).
+        self.heap_trimmer = heap_trimmer if heap_trimmer is not None else HeapTrimmer()
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._stats: EngineStats = engine.get_stats()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -404,7 +408,10 @@ class AsyncEngine:
             idle_wait: float | None = None
             while True:
                 busy = engine.has_unfinished_requests()
-                commands = self._take_commands(block=not busy, timeout=idle_wait)
+                # Idle: wake up now and then anyway, so a spike's heap is trimmed while idle.
+                commands = self._take_commands(
+                    block=not busy, timeout=self.heap_trimmer.interval_s if not busy else idle_wait
+                )
                 if any(isinstance(c, _Stop) for c in commands):
                     self._reject_adds(commands)
                     break
@@ -415,6 +422,7 @@ class AsyncEngine:
                     produced = self._step()
                     idle_wait = None if produced else _IDLE_STEP_WAIT_S
                 self._stats = engine.get_stats()
+                self.heap_trimmer.maybe_trim()
         except BaseException as e:  # the engine's state is unknown: stop taking work
             logger.exception("the engine thread stopped after an error")
             self._dead = e
@@ -425,9 +433,7 @@ class AsyncEngine:
     def _take_commands(self, block: bool, timeout: float | None) -> list[_Command]:
         commands: list[_Command] = []
         try:
-            if block:
-                commands.append(self._commands.get())
-            elif timeout is not None:
+            if block or timeout is not None:
                 commands.append(self._commands.get(timeout=timeout))
         except queue.Empty:
             pass
