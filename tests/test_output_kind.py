@@ -33,15 +33,17 @@ def _params(kind: RequestOutputKind) -> list[SamplingParams]:
     ]
 
 
-def _engine(llama_path, speculative: bool) -> LLMEngine:
+def _engine(llama_path, speculative: str | None) -> LLMEngine:
     spec = None
-    if speculative:
+    if speculative == "ngram":
         spec = {
             "method": "ngram",
             "num_speculative_tokens": 3,
             "prompt_lookup_min": 1,
             "prompt_lookup_max": 2,
         }
+    elif speculative == "draft_model":  # the target as its own draft: drafts get accepted
+        spec = {"method": "draft_model", "model": str(llama_path), "num_speculative_tokens": 3}
     return LLMEngine(
         EngineArgs(
             model=str(llama_path),
@@ -69,7 +71,7 @@ def _logprob_values(entries):
     return [{t: (lp.logprob, lp.rank, lp.decoded_token) for t, lp in e.items()} for e in entries]
 
 
-@pytest.mark.parametrize("speculative", [False, True])
+@pytest.mark.parametrize("speculative", [None, "ngram", "draft_model"])
 def test_delta_outputs_join_to_cumulative_outputs_at_every_step(llama_path, speculative):
     cumulative = _engine(llama_path, speculative)
     delta = _engine(llama_path, speculative)
@@ -80,6 +82,7 @@ def test_delta_outputs_join_to_cumulative_outputs_at_every_step(llama_path, spec
     prompt_logprobs: dict[str, list] = {}
     num_delta_outputs = 0
     saw_partial = False
+    most_tokens_in_a_delta = 0
     while cumulative.has_unfinished_requests():
         want = {o.request_id: o for o in cumulative.step()}
         got = {o.request_id: o for o in delta.step()}
@@ -99,6 +102,7 @@ def test_delta_outputs_join_to_cumulative_outputs_at_every_step(llama_path, spec
                 j = joined.setdefault((request_id, c.index), _Joined())
                 j.text += c.text
                 j.token_ids += c.token_ids
+                most_tokens_in_a_delta = max(most_tokens_in_a_delta, len(c.token_ids))
                 if c.logprobs is not None:
                     j.logprobs = (j.logprobs or []) + c.logprobs
                 j.cumulative_logprob = c.cumulative_logprob
@@ -119,13 +123,15 @@ def test_delta_outputs_join_to_cumulative_outputs_at_every_step(llama_path, spec
     assert delta.scheduler.kv_cache_usage == 0.0
     assert num_delta_outputs > 3 * len(PROMPTS)  # streamed over many steps
     assert saw_partial  # some step advanced only some of a request's samples
+    if speculative == "draft_model":
+        assert most_tokens_in_a_delta > 1  # accepted drafts: several tokens in one delta
     stops = [joined[("0", i)].finish_reason for i in range(3)]
     assert "stop" in stops + [joined[("2", i)].finish_reason for i in range(2)]
 
 
 def test_final_only_gives_one_output_equal_to_the_last_cumulative_one(llama_path):
-    cumulative = _engine(llama_path, False)
-    final = _engine(llama_path, False)
+    cumulative = _engine(llama_path, None)
+    final = _engine(llama_path, None)
     for i, prompt in enumerate(PROMPTS):
         cumulative.add_request(str(i), prompt, _params(RequestOutputKind.CUMULATIVE)[i])
         final.add_request(str(i), prompt, _params(RequestOutputKind.FINAL_ONLY)[i])
