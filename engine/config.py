@@ -43,7 +43,7 @@ class ModelConfig:
     """The checkpoint and how to run it."""
 
     model: str  # the name the user gave (local path or hub id)
-    model_path: Path  # local directory holding config.json and the safetensors files
+    model_path: Path  # local directory (config.json + safetensors) or a .gguf file
     tokenizer_path: Path
     hf_config: Any = field(repr=False, compare=False)  # transformers.PretrainedConfig
     architecture: str
@@ -54,6 +54,13 @@ class ModelConfig:
     max_logprobs: int
     eos_token_ids: tuple[int, ...]
     trust_remote_code: bool = False
+    # None (the checkpoint's own format), "int8", "int4", "gguf" or "none"; engine/quantization
+    quantization: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        """model_path is a single .gguf file (config, tokenizer and weights in one)."""
+        return self.model_path.suffix.lower() == ".gguf"
 
     @property
     def vocab_size(self) -> int:
@@ -206,6 +213,9 @@ class EngineArgs:
     # dict / JSON string / SpeculativeConfig, parsed and validated at construction
     speculative_config: Any = None
     attention_backend: str = "auto"
+    # Weight-only quantization applied at load time (vLLM's --quantization): "int8", "int4",
+    # "gguf", "none", or None for the checkpoint's own format (see engine/quantization).
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -230,6 +240,9 @@ class EngineArgs:
             )
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        from engine.quantization import validate_quantization
+
+        object.__setattr__(self, "quantization", validate_quantization(self.quantization))
         spec = SpeculativeConfig.from_value(self.speculative_config)
         if spec is not None and self.scheduler == "reference":
             raise ValueError("speculative_config: the reference scheduler does not speculate")
@@ -245,18 +258,28 @@ class EngineArgs:
         from engine.models.registry import resolve_architecture
 
         model_path = resolve_model_path(self.model, self.revision)
-        tokenizer_path = (
-            resolve_model_path(self.tokenizer, self.revision) if self.tokenizer else model_path
-        )
-        if not (model_path / "config.json").is_file():
-            raise ValueError(f"model directory {str(model_path)!r} has no config.json")
-        try:
-            hf_config = AutoConfig.from_pretrained(
-                model_path, trust_remote_code=self.trust_remote_code
+        if model_path.suffix.lower() == ".gguf":
+            hf_config, architecture, gguf_tokenizer = _gguf_config(model_path)
+            tokenizer_path = (
+                resolve_model_path(self.tokenizer, self.revision)
+                if self.tokenizer
+                else gguf_tokenizer()
             )
-        except Exception as e:  # transformers raises several types for bad configs
-            raise ValueError(f"could not read {model_path / 'config.json'}: {e}") from e
-        architecture = resolve_architecture(hf_config)
+        else:
+            if self.quantization == "gguf":
+                raise ValueError("quantization 'gguf' needs a .gguf model file")
+            tokenizer_path = (
+                resolve_model_path(self.tokenizer, self.revision) if self.tokenizer else model_path
+            )
+            if not (model_path / "config.json").is_file():
+                raise ValueError(f"model directory {str(model_path)!r} has no config.json")
+            try:
+                hf_config = AutoConfig.from_pretrained(
+                    model_path, trust_remote_code=self.trust_remote_code
+                )
+            except Exception as e:  # transformers raises several types for bad configs
+                raise ValueError(f"could not read {model_path / 'config.json'}: {e}") from e
+            architecture = resolve_architecture(hf_config)
         device = _resolve_device(self.device)
         dtype = _resolve_dtype(self.dtype, hf_config, device)
 
@@ -282,6 +305,7 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             eos_token_ids=_eos_token_ids(model_path, hf_config),
             trust_remote_code=self.trust_remote_code,
+            quantization=self.quantization,
         )
 
     @property
@@ -340,8 +364,14 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ValueError(f"model file {model!r} does not exist")
+        return path.resolve()
     if path.exists():
-        raise ValueError(f"model {model!r} is a file; expected a checkpoint directory")
+        raise ValueError(
+            f"model {model!r} is a file; expected a checkpoint directory or a .gguf file"
+        )
     if not _HUB_ID.fullmatch(model):
         raise ValueError(f"model directory {model!r} does not exist")
     try:
@@ -407,3 +437,54 @@ def _eos_token_ids(model_path: Path, hf_config: Any) -> tuple[int, ...]:
             logger.warning("ignoring unreadable generation_config.json: %s", e)
     add(getattr(hf_config, "eos_token_id", None))
     return tuple(ids)
+
+
+def _gguf_config(path: Path) -> tuple[Any, str, Any]:
+    """(HF config, architecture, a function building the tokenizer directory) of a GGUF file.
+
+    The file's architecture and tensor types are checked first (a ValueError naming what is
+    unsupported); transformers then builds the config from the GGUF metadata. The tokenizer and
+    chat template are built by transformers too, once per file, and saved to a cache directory
+    (ENGINE_CACHE_DIR or ~/.cache/engine) that the rest of the engine loads like any other.
+    """
+    from transformers import AutoConfig
+
+    from engine.models.gguf_loader import GGUFCheckpoint
+
+    checkpoint = GGUFCheckpoint(path)
+    checkpoint.check()
+    try:
+        hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:
+        raise ValueError(f"could not read the config of GGUF file {path.name}: {e}") from e
+    hf_config.architectures = [checkpoint.architecture]
+
+    def tokenizer_dir() -> Path:
+        import hashlib
+        import os
+
+        stat = path.stat()
+        key = hashlib.sha256(f"{path}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+        root = Path(os.environ.get("ENGINE_CACHE_DIR") or Path.home() / ".cache" / "engine")
+        target = root / "gguf-tokenizers" / key[:24]
+        if not (target / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            except Exception as e:
+                raise ValueError(
+                    f"could not build a tokenizer from GGUF file {path.name} ({e}); "
+                    "pass tokenizer=<a tokenizer directory>"
+                ) from e
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            tokenizer.save_pretrained(tmp)
+            if target.exists():  # another process built it meanwhile
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.replace(target)
+        return target
+
+    return hf_config, checkpoint.architecture, tokenizer_dir

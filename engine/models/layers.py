@@ -106,20 +106,26 @@ def onednn_linear(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # [T, out]
     """oneDNN's linear, run only at the row counts of `onednn_row_bucket` (see there)."""
+    return in_row_buckets(lambda rows: _onednn_linear_exact(rows, packed, bias), x)
+
+
+def in_row_buckets(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,  # [T, in]
+) -> torch.Tensor:  # fn(x) [T, out], with fn only ever called at a bucket's row count
+    """Runs a row-wise op at bucketed row counts: zero-padded up to the bucket, in chunks of
+    the largest bucket above it. Valid for ops whose output row i depends on input row i only."""
     rows = x.shape[0]
     if rows > _MAX_BUCKET:  # in chunks of _MAX_BUCKET rows; the last one padded
         return torch.cat(
-            [
-                onednn_linear(x[i : i + _MAX_BUCKET], packed, bias)
-                for i in range(0, rows, _MAX_BUCKET)
-            ]
+            [in_row_buckets(fn, x[i : i + _MAX_BUCKET]) for i in range(0, rows, _MAX_BUCKET)]
         )
     bucket = onednn_row_bucket(rows)
     if bucket != rows:
         padded = x.new_zeros(bucket, x.shape[1])
         padded[:rows] = x
-        return _onednn_linear_exact(padded, packed, bias)[:rows]
-    return _onednn_linear_exact(x, packed, bias)
+        return fn(padded)[:rows]
+    return fn(x)
 
 
 def _onednn_linear_exact(
@@ -226,6 +232,9 @@ class Linear(nn.Module):
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (OneDNNLinearMethod)
         self.method: LinearMethod = UnquantizedLinearMethod()
+        # Whether methods may quantize this layer's input (int8 activations): False for inputs
+        # with outlier channels, such as a gated MLP's down projection.
+        self.quantizable_input = True
 
     def shard_offsets(self) -> list[tuple[str, int, int]]:
         """(shard name, first row, row count) of each named shard."""
@@ -430,6 +439,9 @@ class GatedMLP(nn.Module):
             shard_names=("gate_proj", "up_proj"),
         )
         self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
+        # act(gate) * up has channels 100x the rest: int8 activations there garbled SmolLM2's
+        # answers (measured: every other projection with int8 activations kept them).
+        self.down_proj.quantizable_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

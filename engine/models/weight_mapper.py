@@ -77,6 +77,8 @@ class WeightMapper:
                     shard_name = f"{parent}.{shard}.{suffix}" if parent else f"{shard}.{suffix}"
                     self.targets[checkpoint_name(shard_name)] = Target(param_name, offset, rows)
         self.loaders: dict[str, WeightLoader] = {}
+        # After `load`: param -> [(checkpoint name, first row, rows)] that filled it.
+        self.sources: dict[str, list[tuple[str, int, int]]] = {}
 
     def add(self, checkpoint_name: str, target: Target) -> None:
         self.targets[checkpoint_name] = target
@@ -104,6 +106,7 @@ class WeightMapper:
                 )
             self.loaders.get(target.param, copy_rows)(param, tensor, target.offset)
             filled.setdefault(target.param, {})[target.offset] = target.rows
+            self.sources.setdefault(target.param, []).append((name, target.offset, target.rows))
             loaded_names.add(name)
         missing = self._missing(filled, loaded_names)
         if missing:

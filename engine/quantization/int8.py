@@ -1,0 +1,149 @@
+"""Weight-only int8 linears: symmetric, one scale per output channel.
+
+    W[n, k] = q[n, k] * scale[n],  q in [-127, 127] (int8)
+
+Kernels (CPU, stock torch), chosen per call by the number of rows T:
+  T <  QLINEAR_MIN_ROWS  `torch._weight_int8pack_mm` with bfloat16 activations (its AVX-512
+                         path; with float32 activations it runs scalar loops, 5-40x slower).
+                         A float32 model casts x to bfloat16 and the output back.
+  T >= QLINEAR_MIN_ROWS  oneDNN's int8 `qlinear` with dynamic activations: x quantized per row
+                         (token) to int8, int8 x int8 GEMM, float output scaled per row; rows
+                         bucketed as for the packed float32 linears (layers.in_row_buckets).
+                         ENGINE_INT8_QLINEAR=0 turns it off; layers whose input
+                         has outlier channels (`Linear.quantizable_input` False: the
+                         MLP's down projection) never use it.
+Measured on the 2-core machine (one SmolLM-135M layer's four GEMMs, 1 thread, ms):
+      rows  fp32 oneDNN  int8pack(bf16)  qlinear
+         1      0.60         0.21          0.30
+         4      0.71         0.40          0.33
+        16      1.50         1.57          0.57
+        64      4.88         6.51          1.73
+       128     12.97        16.81          3.22
+Other devices and dtypes (CUDA, float64) dequantize the weight per call (`F.linear`), the
+reference arithmetic itself.
+
+Rounding against the reference x @ W.T (W dequantized, in float32), justified in
+tests/property/test_quantized_linear.py: bfloat16 activations add at most 2^-7 * (|x| @ |W|.T);
+qlinear's activation quantization adds at most scale_t / 2 * sum_k |W[n, k]| (scale_t = the
+row's max |x| / 127).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from engine.models.layers import Linear, LinearMethod, in_row_buckets
+
+logger = logging.getLogger(__name__)
+
+QLINEAR_MIN_ROWS = 4
+
+
+def _default_qlinear_min_rows() -> int | None:
+    """QLINEAR_MIN_ROWS, or None (never) with ENGINE_INT8_QLINEAR=0."""
+    return None if os.environ.get("ENGINE_INT8_QLINEAR", "1") == "0" else QLINEAR_MIN_ROWS
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q [N, K] int8, scale [N] float32), symmetric per output channel."""
+    w = weight.to(torch.float32)
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [N]
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _qlinear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+class Int8LinearMethod(LinearMethod):
+    """Layer state after processing: `qweight` [N, K] int8, `wscale` [N] float32, on CPU also
+    `qlinear_weight` (the same codes in oneDNN's layout) and `wscale_bf16`. `layer.weight` keeps
+    only its shape. A layer may carry `pre_quantized = (q, scale)` (e.g. from a GGUF file) to
+    use instead of quantizing its float weight."""
+
+    name = "int8"
+
+    def __init__(self, qlinear_min_rows: int | str | None = "default") -> None:
+        # None: never use qlinear
+        self.qlinear_min_rows = (
+            _default_qlinear_min_rows() if qlinear_min_rows == "default" else qlinear_min_rows
+        )
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        pre = getattr(layer, "pre_quantized", None)
+        q, scale = pre if pre is not None else quantize_int8(layer.weight.data)
+        device = layer.weight.device
+        layer.qweight = q.to(device).contiguous()
+        layer.wscale = scale.to(device=device, dtype=torch.float32)
+        layer.wscale_bf16 = layer.wscale.to(torch.bfloat16)
+        layer.qlinear_weight = None
+        if (
+            device.type == "cpu"
+            and self.qlinear_min_rows is not None
+            and getattr(layer, "quantizable_input", True)
+            and _qlinear_available()
+        ):
+            layer.qlinear_weight = torch.ops.onednn.qlinear_prepack(layer.qweight, None)
+            layer.wzero = torch.zeros(q.shape[0], dtype=torch.int64)
+        layer.pre_quantized = None
+        layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+            return F.linear(x, self.dequantized_weight(layer).to(x.dtype), layer.bias)
+        if layer.qlinear_weight is not None and x.shape[0] >= (self.qlinear_min_rows or 0):
+            out = in_row_buckets(lambda rows: _qlinear(rows, layer), x)
+        else:
+            out = torch._weight_int8pack_mm(
+                x.to(torch.bfloat16).contiguous(), layer.qweight, layer.wscale_bf16
+            ).to(x.dtype)
+        if layer.bias is not None:
+            out = out.add_(layer.bias)
+        return out
+
+    def dequantized_weight(self, layer: Linear) -> torch.Tensor:  # [N, K] float32
+        return layer.qweight.to(torch.float32) * layer.wscale[:, None]
+
+    def weight_tensors(self, layer: Linear) -> list[torch.Tensor]:
+        tensors = [layer.qweight, layer.wscale, layer.wscale_bf16]
+        if layer.qlinear_weight is not None:
+            tensors.append(layer.qlinear_weight)
+        return tensors
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] float -> (uint8 codes [T, K], scale [T, 1] float32): symmetric per row (token),
+    stored with a zero point of 128: x ~ (codes - 128) * scale, |error| <= scale / 2.
+
+    Per row, not per tensor: one token's outlier then coarsens only its own row (a per-tensor
+    scale garbled SmolLM2's answers)."""
+    x32 = x.to(torch.float32)
+    scale = (x32.abs().amax(dim=1, keepdim=True) / 127.0).clamp_min_(1e-12)  # [T, 1]
+    q = torch.round(x32 / scale).add_(128.0).clamp_(1, 255)
+    return q.to(torch.uint8), scale
+
+
+def _qlinear(x: torch.Tensor, layer: Linear) -> torch.Tensor:  # [T, K] -> [T, N], x.dtype
+    # oneDNN's activation scale is one number: pass 1 and scale each output row afterwards.
+    qx, scale = quantize_activations(x)
+    out = torch.ops.onednn.qlinear_pointwise(
+        qx,
+        1.0,
+        128,
+        layer.qlinear_weight,
+        layer.wscale,
+        layer.wzero,
+        None,
+        1.0,
+        0,
+        torch.float32,
+        "none",
+        [],
+        "",
+    )
+    return out.mul_(scale).to(x.dtype)
