@@ -22,8 +22,12 @@ Invariants:
   `set_running_or_notify_cancel()` before adding (so a handler cancelled at any moment either
   finds its add skipped or finds it done and aborts it), and if the engine thread dies, every add
   still pending fails with `EngineDeadError` (those already queued and those queued later).
-* Outputs are cumulative (full text and token ids so far), so a stream whose consumer is slower
-  than the engine keeps only the newest output: memory per stream is bounded.
+* A request's stream follows its `output_kind`. CUMULATIVE outputs (full text and token ids so
+  far): a stream whose consumer is slower than the engine keeps only the newest one. DELTA
+  outputs (only what is new, what the server uses so a step's cost does not grow with the
+  length of the outputs): a stream keeps the deltas its consumer has not taken yet and hands
+  them over merged into one (`merge_deltas`), so a slow consumer loses nothing; `final()` merges
+  every delta into the complete output.
 * A failing `step()` fails the requests that were in the engine (their streams raise
   `EngineStepError`), aborts them so no block leaks, and the engine keeps serving new requests.
   Only if that clean-up fails too is the engine declared dead.
@@ -45,8 +49,8 @@ from typing import Any, Protocol
 from engine.config import EngineArgs
 from engine.cpu_malloc import HeapTrimmer
 from engine.engine import EngineStats, LLMEngine, PromptType
-from engine.request import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.request import CompletionOutput, RequestOutput
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ __all__ = [
     "QueueFullError",
     "RequestObserver",
     "RequestStream",
+    "merge_deltas",
     "merge_streams",
 ]
 
@@ -115,18 +120,23 @@ _Command = _Add | _Abort | _Stop
 
 
 class RequestStream:
-    """The outputs of one request, as an async iterator of cumulative `RequestOutput`s.
+    """The outputs of one request, as an async iterator of `RequestOutput`s (cumulative, or
+    deltas for a DELTA request: then each item merges every delta not taken before it).
 
     Iteration ends after the output with `finished=True`. `close()` aborts the request if it has
     not finished (a client that went away); it is idempotent and safe after the end.
     """
 
-    def __init__(self, request_id: str, owner: AsyncEngine, arrival_time: float) -> None:
+    def __init__(
+        self, request_id: str, owner: AsyncEngine, arrival_time: float, delta: bool = False
+    ) -> None:
         self.request_id = request_id
         self.arrival_time = arrival_time  # time.monotonic() when accepted
         self.first_token_time: float | None = None
+        self.delta = delta
         self._owner = owner
         self._latest: RequestOutput | None = None
+        self._pending: list[RequestOutput] = []  # DELTA: deltas not taken yet, in order
         self._error: BaseException | None = None
         self._finished = False  # the final output has been received (or the stream failed)
         self._closed = False
@@ -142,6 +152,9 @@ class RequestStream:
 
     async def __anext__(self) -> RequestOutput:
         while True:
+            if self._pending:
+                pending, self._pending = self._pending, []
+                return pending[0] if len(pending) == 1 else merge_deltas(pending)
             if self._latest is not None:
                 out, self._latest = self._latest, None
                 return out
@@ -153,13 +166,11 @@ class RequestStream:
             await self._event.wait()
 
     async def final(self) -> RequestOutput:
-        """Waits for and returns the finished output."""
-        last: RequestOutput | None = None
-        async for out in self:
-            last = out
-        if last is None or not last.finished:
+        """Waits for and returns the finished output (complete, also for a DELTA request)."""
+        outs = [out async for out in self]
+        if not outs or not outs[-1].finished:
             raise EngineShutdownError(f"request {self.request_id} ended without a final output")
-        return last
+        return merge_deltas(outs) if self.delta else outs[-1]
 
     def close(self) -> None:
         """Stops following the request; aborts it in the engine if it is still running."""
@@ -185,7 +196,10 @@ class RequestStream:
         if self.first_token_time is None:
             self.first_token_time = stamp
         self._last_token_time = stamp
-        self._latest = out
+        if self.delta:
+            self._pending.append(out)
+        else:
+            self._latest = out
         if out.finished:
             self._finished = True
         self._event.set()
@@ -300,7 +314,8 @@ class AsyncEngine:
                 f"this request adds {weight} (max_waiting_requests="
                 f"{self.max_waiting_requests}); retry later"
             )
-        stream = RequestStream(request_id, self, arrival_time=time.monotonic())
+        delta = params.output_kind is RequestOutputKind.DELTA
+        stream = RequestStream(request_id, self, arrival_time=time.monotonic(), delta=delta)
         self._streams[request_id] = stream
         self._set_waiting(request_id, weight)
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -492,6 +507,46 @@ class AsyncEngine:
         if outputs:
             self._post(self._dispatch, outputs, stamp)
         return bool(outputs)
+
+
+def merge_deltas(deltas: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive DELTA outputs of one request joined into one (one pass, linear in their
+    size): per sample index, the token ids, text and logprobs in order, and the newest finish
+    state; the prompt logprobs of whichever carries them (the first output)."""
+    pieces: dict[int, list[CompletionOutput]] = {}
+    for delta in deltas:
+        for c in delta.outputs:
+            pieces.setdefault(c.index, []).append(c)
+    outputs = []
+    for index in sorted(pieces):
+        parts = pieces[index]
+        last = parts[-1]
+        logprobs = None
+        if any(p.logprobs is not None for p in parts):
+            logprobs = [entry for p in parts for entry in (p.logprobs or [])]
+        outputs.append(
+            CompletionOutput(
+                index=index,
+                text="".join(p.text for p in parts),
+                token_ids=[t for p in parts for t in p.token_ids],
+                cumulative_logprob=last.cumulative_logprob,
+                logprobs=logprobs,
+                finish_reason=last.finish_reason,
+                stop_reason=last.stop_reason,
+            )
+        )
+    first, newest = deltas[0], deltas[-1]
+    prompt_logprobs = next(
+        (d.prompt_logprobs for d in deltas if d.prompt_logprobs is not None), None
+    )
+    return RequestOutput(
+        request_id=first.request_id,
+        prompt=first.prompt,
+        prompt_token_ids=first.prompt_token_ids,
+        outputs=outputs,
+        finished=newest.finished,
+        prompt_logprobs=prompt_logprobs,
+    )
 
 
 def _resolve(done: concurrent.futures.Future[None], outcome: BaseException | None) -> None:

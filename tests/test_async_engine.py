@@ -353,3 +353,40 @@ def test_waiting_limit_counts_every_sample(make_engine):
         return out
 
     assert len(run(main()).outputs) == 3
+
+
+def test_delta_streams_merge_what_a_slow_consumer_has_not_taken(make_engine, llama_path):
+    """DELTA requests (what the server uses): each item holds only what is new; a consumer that
+    falls behind gets the deltas it missed merged into one item, so nothing is lost; `final()`
+    is the complete output."""
+    engine = make_engine()
+    params = SamplingParams(
+        n=2, temperature=0.7, seed=3, max_tokens=12, ignore_eos=True, output_kind="DELTA"
+    )
+    offline = SamplingParams(n=2, temperature=0.7, seed=3, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        eager = await engine.add_request("eager", PROMPTS[1], params)
+        slow = await engine.add_request("slow", PROMPTS[1], params)
+        whole = await engine.add_request("whole", PROMPTS[1], params)
+        items = [out async for out in eager]
+        while not slow._finished:  # the slow consumer takes nothing until the end
+            await asyncio.sleep(0.01)
+        late = [out async for out in slow]
+        final = await whole.final()
+        await engine.shutdown()
+        return items, late, final
+
+    items, late, final = run(main())
+    llm = LLM(str(llama_path), **ENGINE_KW)
+    want_ids = [c.token_ids for c in llm.generate([PROMPTS[1]], offline, use_tqdm=False)[0].outputs]
+    assert len(items) > 1 and all(len(c.token_ids) <= 12 for o in items for c in o.outputs)
+    joined = {0: [], 1: []}
+    for out in items:
+        for c in out.outputs:
+            joined[c.index] += c.token_ids
+    assert [joined[0], joined[1]] == want_ids
+    assert len(late) == 1 and [c.token_ids for c in late[0].outputs] == want_ids
+    assert late[0].finished and [c.finish_reason for c in late[0].outputs] == ["length"] * 2
+    assert [c.token_ids for c in final.outputs] == want_ids
+    assert [c.text for c in final.outputs] == [c.text for c in late[0].outputs]

@@ -344,7 +344,7 @@ class OpenAIServer:
         for _, token_ids in encoded:
             max_tokens = P.check_length(len(token_ids), max(req.max_tokens, 1), self.max_model_len)
             sampling = {**req.sampling, "max_tokens": max_tokens, "logprobs": req.logprobs}
-            params.append(P.make_sampling_params(sampling))
+            params.append(P.make_sampling_params(sampling, delta=True))
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await self._add_all(
@@ -376,7 +376,7 @@ class OpenAIServer:
             "max_tokens": max_tokens,
             "logprobs": req.top_logprobs if req.logprobs else None,
         }
-        params = P.make_sampling_params(sampling)
+        params = P.make_sampling_params(sampling, delta=True)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await self._add_all(response_id, [token_ids], [None], [params])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.request import Logprob
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 # OpenAI's logprob floor: a -inf logprob would not survive JSON.
 _MIN_LOGPROB = -9999.0
@@ -318,9 +318,12 @@ def _parse_logit_bias(raw: dict[str, Any]) -> dict[int, float]:
     return bias
 
 
-def make_sampling_params(values: dict[str, Any]) -> SamplingParams:
-    """SamplingParams from validated fields; a 400 naming the field on a bad value."""
+def make_sampling_params(values: dict[str, Any], delta: bool = False) -> SamplingParams:
+    """SamplingParams from validated fields; a 400 naming the field on a bad value. `delta`:
+    outputs carry only what is new (RequestOutputKind.DELTA), as the server streams them."""
     kwargs: dict[str, Any] = {}
+    if delta:
+        kwargs["output_kind"] = RequestOutputKind.DELTA
     for name, value in values.items():
         if name in _SAMPLING_PARAMS_FIELDS:
             kwargs[name] = value

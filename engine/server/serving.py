@@ -1,8 +1,9 @@
 """Responses and Server-Sent Event streams for the generation routes.
 
-`CompletionJob` and `ChatJob` turn one HTTP request's engine outputs (cumulative
-`RequestOutput`s from its streams) into OpenAI's response body or its stream chunks; each choice
-keeps what it already sent (`_ChoiceState`), so chunks carry only new text, tokens and logprobs.
+`CompletionJob` and `ChatJob` turn one HTTP request's engine outputs into OpenAI's response body
+(from the complete final output) or its stream chunks (from DELTA outputs: only new text,
+tokens and logprobs, so a chunk costs what is new, never the length so far); each choice keeps
+what it already sent (`_ChoiceState`).
 `stream_sse` writes the chunks; a failure after the stream has started is sent as an SSE error
 event followed by `data: [DONE]`, and whatever ends the stream closes the request's engine
 streams (aborting what did not finish).
@@ -20,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.async_engine import RequestStream, merge_streams
-from engine.request import RequestOutput
+from engine.request import CompletionOutput, RequestOutput
 from engine.server import protocol as P
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,6 @@ async def stream_sse(
 class _ChoiceState:
     """What was already sent of one choice."""
 
-    text_len: int = 0  # characters of the output text
     num_tokens: int = 0  # output token ids
     sent_chars: int = 0  # characters sent, echoed prompt included (logprobs text_offset)
     started: bool = False
@@ -97,55 +97,54 @@ class CompletionJob:
         self.echo_only = echo_only
         self.n = int(req.sampling.get("n", 1))
         self.token_text = P.TokenText(tokenizer, req.return_tokens_as_token_ids)
+        self._prompt_logprobs: list[list[Any] | None] = [None] * len(encoded)
 
-    def _prompt_positions(self, out: RequestOutput) -> list[Any]:
-        if out.prompt_logprobs is not None:
-            return list(out.prompt_logprobs)
-        return [None] * len(out.prompt_token_ids)
+    def _note_prompt_logprobs(self, prompt_index: int, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:  # a DELTA request's first output carries them
+            self._prompt_logprobs[prompt_index] = list(out.prompt_logprobs)
+
+    def _prompt_positions(self, prompt_index: int) -> list[Any]:
+        positions = self._prompt_logprobs[prompt_index]
+        return positions if positions is not None else [None] * len(self.encoded[prompt_index][1])
 
     def _choice_parts(
-        self, prompt_index: int, out: RequestOutput, sample: int, state: _ChoiceState
-    ) -> tuple[str, list[int], list[Any], bool]:
-        """(new text, new token ids, their logprob positions, includes the prompt) to send."""
-        c = out.outputs[sample]
+        self, prompt_index: int, c: CompletionOutput, state: _ChoiceState
+    ) -> tuple[str, list[int], list[Any]]:
+        """(text, token ids, their logprob positions) to send for sample output `c` (a delta,
+        or a whole final output with a fresh state); the echoed prompt goes with the first."""
         prompt_text, prompt_ids = self.encoded[prompt_index]
         prompt_text = prompt_text or ""  # decoded whenever echo is on
         if self.echo_only:
             if state.started:
-                return "", [], [], False
-            return prompt_text, prompt_ids, self._prompt_positions(out), True
-        text = c.text[state.text_len :]
-        ids = c.token_ids[state.num_tokens :]
-        positions: list[Any] = list((c.logprobs or [])[state.num_tokens :]) or [{}] * len(ids)
-        state.text_len, state.num_tokens = len(c.text), len(c.token_ids)
+                return "", [], []
+            return prompt_text, prompt_ids, self._prompt_positions(prompt_index)
+        text, ids = c.text, c.token_ids
+        positions: list[Any] = list(c.logprobs or []) or [{}] * len(ids)
+        state.num_tokens += len(ids)
         if self.req.echo and not state.started:
             return (
                 prompt_text + text,
                 prompt_ids + ids,
-                self._prompt_positions(out) + positions,
-                True,
+                self._prompt_positions(prompt_index) + positions,
             )
-        return text, ids, positions, False
+        return text, ids, positions
 
     def _logprobs(self, ids: list[int], positions: list[Any], offset: int) -> dict[str, Any] | None:
         if self.req.logprobs is None:
             return None
         return P.completion_logprobs(ids, positions, self.req.logprobs, self.token_text, offset)
 
-    def _usage(self, outs: list[RequestOutput | None]) -> dict[str, int]:
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
         prompt_tokens = sum(len(ids) for _, ids in self.encoded)
-        completion = (
-            0
-            if self.echo_only
-            else sum(len(c.token_ids) for o in outs if o is not None for c in o.outputs)
-        )
-        return P.usage(prompt_tokens, completion)
+        return P.usage(prompt_tokens, 0 if self.echo_only else completion_tokens)
 
     def response(self, finals: list[RequestOutput]) -> dict[str, Any]:
+        """The response body from each prompt's complete output."""
         choices = []
         for i, out in enumerate(finals):
-            for sample, c in enumerate(out.outputs):
-                text, ids, positions, _ = self._choice_parts(i, out, sample, _ChoiceState())
+            self._note_prompt_logprobs(i, out)
+            for c in out.outputs:
+                text, ids, positions = self._choice_parts(i, c, _ChoiceState())
                 finish = "length" if self.echo_only else c.finish_reason
                 stop_reason = None if self.echo_only else c.stop_reason
                 choices.append(
@@ -157,23 +156,28 @@ class CompletionJob:
                         stop_reason,
                     )
                 )
+        generated = sum(len(c.token_ids) for out in finals for c in out.outputs)
         return P.completion_response(
-            self.response_id, self.created, self.model, choices, self._usage(list(finals))
+            self.response_id, self.created, self.model, choices, self._usage(generated)
         )
 
     async def chunks(self, streams: list[RequestStream]) -> Any:
+        """Stream chunks from the prompts' DELTA outputs (one chunk per advanced sample)."""
         opts = self.req.stream_options
         states = {(i, s): _ChoiceState() for i in range(len(streams)) for s in range(self.n)}
-        latest: list[RequestOutput | None] = [None] * len(streams)
+
+        def generated() -> int:
+            return sum(state.num_tokens for state in states.values())
+
         async with contextlib.aclosing(merge_streams(streams)) as merged:
             async for i, out in merged:
-                latest[i] = out
-                for sample, c in enumerate(out.outputs):
-                    state = states[(i, sample)]
+                self._note_prompt_logprobs(i, out)
+                for c in out.outputs:
+                    state = states[(i, c.index)]
                     if state.done or (self.echo_only and c.finish_reason is None):
                         continue
                     offset = state.sent_chars
-                    text, ids, positions, _ = self._choice_parts(i, out, sample, state)
+                    text, ids, positions = self._choice_parts(i, c, state)
                     finish = None
                     if c.finish_reason is not None:
                         finish = "length" if self.echo_only else c.finish_reason
@@ -189,13 +193,13 @@ class CompletionJob:
                         finish,
                         None if self.echo_only or finish is None else c.stop_reason,
                     )
-                    usage = self._usage(latest) if opts.continuous_usage_stats else None
+                    usage = self._usage(generated()) if opts.continuous_usage_stats else None
                     yield P.completion_response(
                         self.response_id, self.created, self.model, [choice], usage, chunk=True
                     )
         if opts.include_usage:
             yield P.completion_response(
-                self.response_id, self.created, self.model, [], self._usage(latest), chunk=True
+                self.response_id, self.created, self.model, [], self._usage(generated()), chunk=True
             )
 
 
@@ -225,8 +229,7 @@ class ChatJob:
             return None
         return P.chat_logprobs_content(ids, positions, self.req.top_logprobs, self.token_text)
 
-    def _usage(self, out: RequestOutput | None) -> dict[str, int]:
-        generated = sum(len(c.token_ids) for c in out.outputs) if out is not None else 0
+    def _usage(self, generated: int) -> dict[str, int]:
         return P.usage(self.num_prompt_tokens, generated)
 
     def response(self, final: RequestOutput) -> dict[str, Any]:
@@ -240,24 +243,26 @@ class ChatJob:
             )
             for c in final.outputs
         ]
+        generated = sum(len(c.token_ids) for c in final.outputs)
         return P.chat_response(
-            self.response_id, self.created, self.model, choices, self._usage(final)
+            self.response_id, self.created, self.model, choices, self._usage(generated)
         )
 
     async def chunks(self, streams: list[RequestStream]) -> Any:
+        """Stream chunks from the request's DELTA outputs: a role chunk opens each choice."""
         opts = self.req.stream_options
         states = [_ChoiceState() for _ in range(self.n)]
-        latest: RequestOutput | None = None
 
         def chunk(choice: dict[str, Any]) -> dict[str, Any]:
-            usage = self._usage(latest) if opts.continuous_usage_stats else None
+            usage = None
+            if opts.continuous_usage_stats:
+                usage = self._usage(sum(state.num_tokens for state in states))
             return P.chat_chunk(
                 self.response_id, self.created, self.model, [choice], usage, opts.include_usage
             )
 
         async with contextlib.aclosing(merge_streams(streams)) as merged:
             async for _, out in merged:
-                latest = out
                 for c in out.outputs:
                     state = states[c.index]
                     if state.done:
@@ -267,10 +272,9 @@ class ChatJob:
                         yield chunk(
                             P.chat_chunk_choice(c.index, {"role": "assistant", "content": ""})
                         )
-                    text = c.text[state.text_len :]
-                    ids = c.token_ids[state.num_tokens :]
-                    positions = list((c.logprobs or [])[state.num_tokens :]) or [{}] * len(ids)
-                    state.text_len, state.num_tokens = len(c.text), len(c.token_ids)
+                    text, ids = c.text, c.token_ids
+                    positions = list(c.logprobs or []) or [{}] * len(ids)
+                    state.num_tokens += len(ids)
                     finish = c.finish_reason
                     if not text and not ids and finish is None:
                         continue
@@ -285,4 +289,7 @@ class ChatJob:
                         )
                     )
         if opts.include_usage:
-            yield P.chat_chunk(self.response_id, self.created, self.model, [], self._usage(latest))
+            generated = sum(state.num_tokens for state in states)
+            yield P.chat_chunk(
+                self.response_id, self.created, self.model, [], self._usage(generated)
+            )
