@@ -1,6 +1,7 @@
 """A pure-PyTorch LLM inference and serving engine.
 
-Public API: `LLM` (offline generation), `SamplingParams`, `EngineArgs`, `LLMEngine`.
+Public API: `LLM` (offline generation), `SamplingParams` (with `RequestOutputKind`), `EngineArgs`,
+`LLMEngine`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from engine.config import EngineArgs
 from engine.engine import LLM, LLMEngine
 from engine.request import CompletionOutput, RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 
 __version__ = "0.1.0"
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "EngineArgs",
     "LLMEngine",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "__version__",
 ]
