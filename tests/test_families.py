@@ -230,3 +230,20 @@ def test_layer_sliding_windows_match_the_built_models(family_root, tokenizer, ch
         assert windows == built, key
         if key in expected:
             assert windows == expected[key], key
+
+
+def test_quantized_moe_keeps_its_routers_unquantized(family_root, tokenizer):
+    """quantization="int8" converts the experts' neighbours (attention, shared expert), never a
+    router or the shared-expert gate: their outputs choose the experts."""
+    from engine.models.layers import Linear
+    from engine.models.moe import GateLinear, SparseMoeBlock
+
+    path = family_checkpoint(family_root, "qwen2-moe", tokenizer)
+    llm = LLM(str(path), quantization="int8", kv_cache_memory_bytes=2**22)
+    model = llm.llm_engine.model
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+    assert blocks and all(isinstance(b.gate, GateLinear) for b in blocks)
+    assert all(isinstance(b.shared_expert_gate, GateLinear) for b in blocks)
+    assert {m.method.name for m in model.modules() if isinstance(m, Linear)} == {"int8"}
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    assert len(llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids) == 4

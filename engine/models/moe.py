@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import GatedMLP, Linear, activation, empty_param
+from engine.models.layers import GatedMLP, activation, empty_param
 from engine.models.weight_mapper import Target, WeightMapper
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -154,11 +154,26 @@ def grouped_mm_runs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> boo
     return all(dim * size % 16 == 0 for dim in (w13.shape[1], w13.shape[2], w2.shape[2]))
 
 
+class GateLinear(nn.Module):
+    """x W^T for a router or a shared-expert gate: a plain weight [out, in] in the model dtype,
+    deliberately not a `layers.Linear`, so no quantization method ever applies to it (its
+    outputs pick the experts; vLLM keeps routers unquantized too)."""
+
+    def __init__(
+        self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
+        return F.linear(x, self.weight)
+
+
 class SparseMoeBlock(nn.Module):
     """Router + stacked experts (+ an optional sigmoid-gated shared expert), one MoE layer.
 
     Modules and parameters (uninitialised until a loader fills them):
-        gate                Linear [E, H]: the router
+        gate                GateLinear [E, H]: the router (never quantized)
         w13 [E * 2I, H]     experts' gate/up, expert e's rows e * 2I ... (e + 1) * 2I - 1
         w2  [E * H, I]      experts' down, expert e's rows e * H ... (e + 1) * H - 1
         shared_expert       GatedMLP (Qwen2-MoE), scaled by sigmoid(shared_expert_gate(x))
@@ -195,7 +210,7 @@ class SparseMoeBlock(nn.Module):
         self.act = activation(hidden_act)
         self.implementation = implementation
         self.intermediate_size = intermediate_size
-        self.gate = Linear(hidden_size, num_experts, False, dtype, device)
+        self.gate = GateLinear(hidden_size, num_experts, dtype, device)
         self.w13 = empty_param(
             num_experts * 2 * intermediate_size, hidden_size, dtype=dtype, device=device
         )
@@ -203,12 +218,12 @@ class SparseMoeBlock(nn.Module):
             num_experts * hidden_size, intermediate_size, dtype=dtype, device=device
         )
         self.shared_expert: GatedMLP | None = None
-        self.shared_expert_gate: Linear | None = None
+        self.shared_expert_gate: GateLinear | None = None
         if shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(
                 hidden_size, shared_expert_intermediate_size, False, hidden_act, dtype, device
             )
-            self.shared_expert_gate = Linear(hidden_size, 1, False, dtype, device)
+            self.shared_expert_gate = GateLinear(hidden_size, 1, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
