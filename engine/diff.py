@@ -134,9 +134,13 @@ def hf_traces(
     model_path: str, prompt_ids: list[list[int]], lengths: list[int], dtype: torch.dtype, top_k: int
 ) -> list[Trace]:
     """Greedy HF `generate`, one prompt at a time, exactly `lengths[i]` new tokens each."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    config = AutoConfig.from_pretrained(model_path)
+    is_moe = any(getattr(config, name, None) for name in ("num_local_experts", "num_experts"))
+    # transformers' grouped-mm experts have no float64 kernel; its eager loop is the exact one.
+    kwargs = {"experts_implementation": "eager"} if is_moe else {}
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
     model.eval()
     traces = []
     with torch.no_grad():

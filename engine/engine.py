@@ -100,8 +100,12 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(
             self.model_config.tokenizer_path, trust_remote_code=args.trust_remote_code
         )
+        hf_config = self.model_config.hf_config
         self.attention_backend = get_attention_backend(
-            args.attention_backend, self.model_config.device
+            args.attention_backend,
+            self.model_config.device,
+            # Gemma 2's attention soft-capping: `auto` must skip backends that cannot cap.
+            needs_softcap=getattr(hf_config, "attn_logit_softcapping", None) is not None,
         )
         self.model = load_model(self.model_config, self.attention_backend)
         self.speculator: Speculator | None = None
