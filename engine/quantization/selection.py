@@ -59,6 +59,14 @@ def method_chooser(
     if quantization in (None, "none"):
         return lambda _name, _layer: default
     int8, int4 = Int8LinearMethod(), Int4LinearMethod(GROUP_SIZE)
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        logger.info(
+            "quantization %s on %s/%s: weights stored quantized, dequantized per call "
+            "(F.linear on the dequantized weight; the int8/int4 kernels here are CPU ones)",
+            quantization,
+            device.type,
+            dtype,
+        )
     if quantization == "int8":
         return lambda _name, _layer: int8
     if quantization == "int4":
