@@ -65,20 +65,31 @@ def gguf_model(checkpoints, tmp_path_factory):
     return src, write_gguf(src, out, _type_for)
 
 
-def _hf_generate(model, prompts: list[list[int]]) -> list[list[int]]:
+def _hf_generate_with_logprobs(
+    model, prompts: list[list[int]]
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy continuations and per-step logprobs [steps, V] from HF, one prompt at a time."""
     model.eval()
     model.generation_config.eos_token_id = None
-    outs = []
+    outs, logprobs = [], []
     with torch.no_grad():
         for prompt in prompts:
-            seq = model.generate(
+            result = model.generate(
                 torch.tensor([prompt]),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 max_new_tokens=MAX_TOKENS,
                 do_sample=False,
+                return_dict_in_generate=True,
+                output_logits=True,
             )
-            outs.append(seq[0, len(prompt) :].tolist())
-    return outs
+            outs.append(result.sequences[0, len(prompt) :].tolist())
+            logits = torch.cat(result.logits, dim=0).to(torch.float64)
+            logprobs.append(torch.log_softmax(logits, dim=-1))
+    return outs, logprobs
+
+
+def _hf_generate(model, prompts: list[list[int]]) -> list[list[int]]:
+    return _hf_generate_with_logprobs(model, prompts)[0]
 
 
 def _engine_generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
@@ -97,6 +108,37 @@ def test_gguf_float64_equals_hf_token_for_token(gguf_model):
     hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float64)
     assert ours == _hf_generate(hf, prompts)
     assert len({t for seq in ours for t in seq}) > 5
+
+
+def test_gguf_float32_dequantized_is_close_to_hf(gguf_model):
+    """The suite's float32 rule (tests/test_hf_equivalence.py): token for token up to the first
+    divergence, where each side's token is in the other's top 5 with a tiny logprob gap."""
+    from transformers import AutoModelForCausalLM
+
+    src, path = gguf_model
+    llm = LLM(
+        str(path),
+        tokenizer=str(src),
+        dtype="float32",
+        quantization="none",
+        kv_cache_memory_bytes=2**22,
+    )
+    prompts = make_prompts(llm.llm_engine.model_config.vocab_size, seed=1)[:4]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    theirs, hf_logprobs = _hf_generate_with_logprobs(hf, prompts)
+    for out, hf_tokens, hf_lp in zip(outputs, theirs, hf_logprobs, strict=True):
+        ours = out.outputs[0].token_ids
+        pairs = zip(ours, hf_tokens, strict=False)
+        diverge = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+        if diverge is None:
+            assert len(ours) == len(hf_tokens)
+            continue
+        assert ours[diverge] in hf_lp[diverge].topk(5).indices.tolist()
+        assert hf_tokens[diverge] in out.outputs[0].logprobs[diverge]
+        gap = abs(hf_lp[diverge, ours[diverge]] - hf_lp[diverge, hf_tokens[diverge]])
+        assert gap < 1e-3, f"divergence at {diverge} with logprob gap {gap}"
 
 
 def test_gguf_float32_keeps_4bit_values_on_int4_and_q8_0_on_int8(gguf_model):
