@@ -106,7 +106,13 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
-SPEC_METHODS = ("ngram", "draft_model")
+SPEC_METHODS = ("ngram", "draft_model", "suffix")
+_SUFFIX_FIELDS = {  # method "suffix": vLLM's names, (type, default, lowest, highest)
+    "suffix_decoding_max_tree_depth": (int, 24, 1, None),
+    "suffix_decoding_max_cached_requests": (int, 10000, 0, None),
+    "suffix_decoding_max_spec_factor": (float, 1.0, 0.0, None),
+    "suffix_decoding_min_token_prob": (float, 0.1, 0.0, 1.0),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,9 @@ class SpeculativeConfig:
 
     {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": a, "prompt_lookup_max": b}
     {"method": "draft_model", "model": PATH, "num_speculative_tokens": k}
+    {"method": "suffix", "num_speculative_tokens": k, "suffix_decoding_max_tree_depth": 24, ...}
+    {"method": NAME or "pkg.mod:Factory", ...}  a registered proposer (spec_decode/registry.py);
+                                                 its own keys are kept in `extra`
     """
 
     method: str
@@ -122,6 +131,11 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     prompt_lookup_max: int = 3
     model: str | None = None  # the draft checkpoint (method "draft_model")
+    suffix_decoding_max_tree_depth: int = 24
+    suffix_decoding_max_cached_requests: int = 10000
+    suffix_decoding_max_spec_factor: float = 1.0
+    suffix_decoding_min_token_prob: float = 0.1
+    extra: tuple[tuple[str, Any], ...] = ()  # a plug-in method's own keys, sorted
 
     @classmethod
     def from_value(cls, value: Any) -> SpeculativeConfig | None:
@@ -143,18 +157,19 @@ class SpeculativeConfig:
             "prompt_lookup_min",
             "prompt_lookup_max",
             "model",
+            *_SUFFIX_FIELDS,
         }
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ValueError(f"speculative_config: unknown field(s) {', '.join(unknown)}")
         method = value.get("method")
         if method is None and value.get("model"):
             method = "draft_model"
-        if method not in SPEC_METHODS:
-            raise ValueError(
-                f"speculative_config.method must be one of {', '.join(SPEC_METHODS)}, "
-                f"got {method!r}"
-            )
+        plugin = method not in SPEC_METHODS
+        if plugin:  # a registered proposer, or a ValueError listing every name
+            from engine.spec_decode.registry import check_proposer_method
+
+            check_proposer_method(method)
+        unknown = sorted(set(value) - known)
+        if unknown and not plugin:
+            raise ValueError(f"speculative_config: unknown field(s) {', '.join(unknown)}")
         k = value.get("num_speculative_tokens")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(
@@ -177,6 +192,20 @@ class SpeculativeConfig:
                     f"prompt_lookup_max ({hi})"
                 )
             fields.update(prompt_lookup_min=lo, prompt_lookup_max=hi)
+        elif method == "suffix":
+            for name, (kind, default, lowest, highest) in _SUFFIX_FIELDS.items():
+                v = value.get(name, default)
+                types = (int, float) if kind is float else int
+                ok = not isinstance(v, bool) and isinstance(v, types)
+                if not ok or v < lowest or (highest is not None and v > highest):
+                    bounds = f">= {lowest}" + ("" if highest is None else f" and <= {highest}")
+                    raise ValueError(
+                        f"speculative_config.{name} must be a number {bounds}, got {v!r}"
+                    )
+                fields[name] = kind(v)
+        elif plugin:
+            fields["model"] = value.get("model")
+            fields["extra"] = tuple(sorted((key, value[key]) for key in unknown))
         else:
             model = value.get("model")
             if not model or not isinstance(model, str):

@@ -1,16 +1,22 @@
 """`python -m engine.generate`: offline generation from the command line.
 
 With no --model it runs the embedded demo model (random weights: the text is noise, the
-machinery is real). Engine flags use vLLM's names.
+machinery is real). Engine flags use vLLM's names. `--attention-backend` and the
+`--speculative-config` method take registered plug-in names (modules listed in $ENGINE_PLUGINS
+are imported first) or `package.module:Factory` references. The backend in use, and with
+speculation the drafts and acceptance, are logged to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 from engine import LLM, SamplingParams
+
+logger = logging.getLogger("engine.generate")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        help="auto, torch, reference, flash-attn, xformers, a registered name or pkg.mod:Factory",
+    )
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        help='JSON, e.g. \'{"method": "suffix", "num_speculative_tokens": 4}\'',
+    )
+    p.add_argument("--quantization", "-q", default=None, help="int8, int4, gguf or none")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -44,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             max_num_seqs=args.max_num_seqs,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            attention_backend=args.attention_backend,
+            speculative_config=args.speculative_config,
+            quantization=args.quantization,
         )
+        engine = llm.llm_engine
+        backend = getattr(engine.attention_backend, "name", type(engine.attention_backend).__name__)
+        logger.info("attention backend: %s", backend)
         params = SamplingParams(
             temperature=args.temperature,
             top_p=args.top_p,
@@ -59,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    stats = engine.get_stats().spec_decode
+    if stats is not None:
+        logger.info(
+            "speculative decoding: %d drafts, %d draft tokens, %d accepted (%.1f%%)",
+            stats.num_drafts,
+            stats.num_draft_tokens,
+            stats.num_accepted_tokens,
+            100 * stats.acceptance_rate,
+        )
     for prompt, out in zip(prompts, outputs, strict=True):
         completion = out.outputs[0]
         if args.json:

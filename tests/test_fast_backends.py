@@ -25,7 +25,7 @@ from engine.fast import registry
 from engine.fast.flash_attn import FlashAttnBackend, FlashAttnKernels, window_size
 from engine.fast.torch_native import TorchNativeAttention
 from engine.reference.attention import ReferenceAttention
-from tests.property.test_fast_attention import make_batch, mixed_batches, run_backend, softcaps
+from engine.testing.strategies import make_batch, mixed_batches, run_backend, softcaps
 
 # ---- registry ---------------------------------------------------------------------------------
 

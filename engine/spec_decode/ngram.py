@@ -48,3 +48,15 @@ def _latest_earlier_start(packed: bytes, length: int, n: int) -> int | None:
         if at % _WIDTH == 0:
             return at // _WIDTH
         end = at + len(tail) - 1  # straddles token boundaries: look further left
+
+
+class NgramRequestProposer:
+    """The registry's `ngram` proposer: NgramProposer over a request's tokens."""
+
+    def __init__(self, spec) -> None:  # spec: engine.config.SpeculativeConfig
+        self.ngram = NgramProposer(
+            spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max
+        )
+
+    def propose(self, request, max_tokens: int) -> list[int]:
+        return self.ngram.propose(request.all_token_ids, max_tokens)

@@ -6,6 +6,10 @@ them); the scheduler schedules them after the request's pending token, the runne
 and the scheduler rolls back the rejected ones. A proposal never makes a request exceed
 `max_tokens` or `max_model_len`: a step emits at most m + 1 tokens for m drafts, so
 m <= min(k, max_tokens - outputs - 1, max_model_len - tokens - 1).
+
+Proposers: `draft_model` is driven here (it runs batched over its own KV cache); every other
+method (`ngram`, `suffix`, a plug-in) is built by engine/spec_decode/registry.py and asked one
+request at a time; one that has `finish(request)` is told when a request it saw finishes.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from engine.request import Request, RequestStatus
 from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
 from engine.scheduler.kv_cache_manager import KVCacheManager
 from engine.spec_decode.draft_model import DraftInput, DraftModelProposer
-from engine.spec_decode.ngram import NgramProposer
+from engine.spec_decode.registry import Proposer, build_proposer
 
 
 @dataclass(slots=True)
@@ -65,12 +69,13 @@ class Speculator:
         self.config = spec
         self.k = spec.num_speculative_tokens
         self.stats = SpecDecodeStats(accepted_per_position=[0] * self.k)
-        self.ngram: NgramProposer | None = None
+        self.proposer: Proposer | None = None
         self.draft: DraftModelProposer | None = None
-        if spec.method == "ngram":
-            self.ngram = NgramProposer(self.k, spec.prompt_lookup_min, spec.prompt_lookup_max)
-        else:
+        self.vocab_size = int(model_config.hf_config.vocab_size)
+        if spec.method == "draft_model":
             self.draft = DraftModelProposer(model_config, spec, backend)
+        else:
+            self.proposer = build_proposer(spec, model_config)
 
     def init_kv_cache(self, cache_config: CacheConfig) -> None:
         if self.draft is not None:
@@ -94,12 +99,18 @@ class Speculator:
 
     def propose(self, output: SchedulerOutput, kv: KVCacheManager) -> None:
         """Sets drafts for the next step on the requests this step advanced."""
-        if self.ngram is not None:
+        if self.proposer is not None:
+            finish = getattr(self.proposer, "finish", None)
             for item in output.scheduled:
                 request = item.request
-                if item.sample and request.status is RequestStatus.RUNNING:
+                if request.is_finished:
+                    if finish is not None:
+                        finish(request)
+                elif item.sample and request.status is RequestStatus.RUNNING:
                     room = draft_room(request, self.k)
-                    request.spec_token_ids = self.ngram.propose(request.all_token_ids, room)
+                    request.spec_token_ids = self._checked(
+                        self.proposer.propose(request, room), room
+                    )
             return
         assert self.draft is not None
         inputs: list[DraftInput] = []
@@ -143,6 +154,18 @@ class Speculator:
             request = by_id[request_id]
             request.spec_token_ids = proposal.token_ids
             request.spec_draft_probs = proposal.probs
+
+    def _checked(self, proposal: list[int], room: int) -> list[int]:
+        """The proposal cut to `room`; a token id outside the vocabulary is a ValueError (a
+        plug-in's bug must not reach the embedding lookup as an index error)."""
+        drafts = [int(t) for t in list(proposal)[:room]]
+        bad = [t for t in drafts if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"speculative_config.method {self.config.method!r} proposed token ids outside "
+                f"the vocabulary [0, {self.vocab_size}): {bad}"
+            )
+        return drafts
 
     @staticmethod
     def _cached_end(item: ScheduledRequest, kv: KVCacheManager) -> int:

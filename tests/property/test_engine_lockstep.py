@@ -1,9 +1,14 @@
 """The production scheduler changes no token: random workloads through the default engine
 (chunked prefill with a small token budget, prefix caching, a pool small enough to force
 preemption, aborts, n > 1) give every request exactly the reference engine's tokens, greedy and
-seeded sampling, in float64. With speculative decoding (n-gram and draft-model proposers) on top
-of all that, every greedy request still gets exactly the reference tokens (seeded sampling keeps
-the target's distribution but not the same draws, so it is compared only without speculation).
+seeded sampling, in float64. With speculative decoding (n-gram, suffix decoding and draft-model
+proposers) on top of all that, every greedy request still gets exactly the reference tokens
+(seeded sampling keeps the target's distribution but not the same draws, so it is compared only
+without speculation).
+
+The workloads, the runner and the stress settings come from the research kit
+(engine/testing/engines.py); `engine.testing.check_proposer_lockstep` is the same invariant
+packaged for any proposer (applied to suffix decoding below).
 
 The engines live for the whole module, so the prefix cache carries hits across examples too.
 """
@@ -12,16 +17,14 @@ from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from engine import EngineArgs, LLMEngine, SamplingParams
 from engine.demo import make_layer_truncated_checkpoint
+from engine.testing import check_proposer_lockstep
+from engine.testing.engines import PREFIXES, STRESS_ARGS, greedy_mismatches, workloads
+from engine.testing.engines import run_workload as run
 
-PREFIXES = [
-    [11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
-    [11, 12, 13, 14, 30, 31],
-    [40 + i for i in range(23)],
-]
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 3, "suffix_decoding_max_tree_depth": 8}
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +33,7 @@ def engines(llama_path, tmp_path_factory):
     reference = LLMEngine(
         EngineArgs(**common, scheduler="reference", attention_backend="reference")
     )
-    production = {
-        **common,
-        "scheduler": "default",
-        "max_num_batched_tokens": 12,  # long prompts are chunked
-        "max_num_seqs": 5,
-        "num_gpu_blocks_override": 30,  # 120 slots: preemption under load
-    }
+    production = {**common, **STRESS_ARGS}
     default = LLMEngine(EngineArgs(**production))
     draft = make_layer_truncated_checkpoint(llama_path, tmp_path_factory.mktemp("draft"), 1)
     speculative = [
@@ -44,51 +41,10 @@ def engines(llama_path, tmp_path_factory):
         for spec in (
             {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
             {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3},
+            SUFFIX,
         )
     ]
     return reference, default, speculative
-
-
-@st.composite
-def workloads(draw):
-    requests = []
-    for _ in range(draw(st.integers(1, 7))):
-        prefix = draw(st.sampled_from([[], *PREFIXES]))
-        suffix = draw(st.lists(st.integers(3, 900), min_size=0 if prefix else 1, max_size=12))
-        greedy = draw(st.booleans())
-        params = SamplingParams(
-            n=draw(st.sampled_from([1, 1, 2])),
-            temperature=0.0 if greedy else draw(st.sampled_from([0.7, 1.0])),
-            top_p=draw(st.sampled_from([1.0, 0.9])),
-            seed=None if greedy else draw(st.integers(0, 1000)),
-            max_tokens=draw(st.integers(1, 20)),
-            ignore_eos=draw(st.booleans()),
-        )
-        requests.append((prefix + suffix, params))
-    aborts = draw(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 8)), max_size=2))
-    return requests, aborts
-
-
-def run(engine, requests, aborts, tag):
-    """Runs the workload; aborts[i] = (request index, step) aborts that request at that step."""
-    ids = [f"{tag}-{i}" for i in range(len(requests))]
-    engine.abort_request(ids)  # leftovers of an earlier failed example must not mask this one
-    for request_id, (prompt, params) in zip(ids, requests, strict=True):
-        engine.add_request(request_id, prompt, params)
-    aborted = set()
-    final = {}
-    step = 0
-    while engine.has_unfinished_requests():
-        for index, at in aborts:
-            if at == step and index < len(ids) and ids[index] not in final:
-                engine.abort_request(ids[index])
-                aborted.add(ids[index])
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = [c.token_ids for c in out.outputs]
-        step += 1
-        assert step < 2000
-    return {i: final[i] for i in ids if i not in aborted}
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -103,14 +59,15 @@ def test_default_engine_equals_reference(engines, workload):
     # nothing leaks: all blocks free once the engine is idle (cached ones included)
     assert default.scheduler.kv_cache_usage == 0.0
 
-    greedy = [i for i, (_, params) in enumerate(requests) if params.greedy]
     for engine in speculative:
         got = run(engine, requests, aborts, "spe")
-        for index in greedy:
-            request_id = f"spe-{index}"
-            if request_id in got:
-                assert got[request_id] == expected[f"ref-{index}"], request_id
+        assert greedy_mismatches(requests, expected, got, "ref", "spe") == []
         assert engine.scheduler.kv_cache_usage == 0.0
+
+
+def test_suffix_proposer_through_the_kit(llama_path, tmp_path):
+    """The kit's packaged lockstep check, as a plug-in author would run it."""
+    check_proposer_lockstep(str(llama_path), SUFFIX, max_examples=6, repro_dir=tmp_path)
 
 
 def test_counters(engines):

@@ -8,143 +8,24 @@ one cache and attend over it; float64 results must agree to 1e-12. One step's la
 in window and soft-cap (Gemma 2 alternates sliding and global layers): the per-layer test runs
 several such layers on one backend instance and one metadata object.
 
-`make_batch` is shared with tests/test_fast_backends.py (the flash-attn and xformers contracts).
+`make_batch`, `run_backend` and the strategies come from the research kit
+(engine/testing/strategies.py), which any new backend can use the same way
+(`engine.testing.check_attention_backend`; the last test here applies it to the torch backend).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from unittest import mock
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.attention import AttentionMetadata
 from engine.fast import torch_native
 from engine.fast.torch_native import TorchNativeAttention
 from engine.reference.attention import ReferenceAttention
-
-
-@dataclass
-class Batch:
-    q: torch.Tensor  # [T, Hq, D]
-    k: torch.Tensor  # [T, Hkv, D] new keys of this step
-    v: torch.Tensor
-    k_cache: torch.Tensor  # [N, bs, Hkv, D], earlier steps' tokens already written
-    v_cache: torch.Tensor
-    meta: AttentionMetadata
-    scale: float
-
-
-def make_batch(
-    requests: list[tuple[int, int]],  # (seq_len, q_len) per request
-    block_size: int,
-    num_kv_heads: int,
-    group: int,
-    head_dim: int,
-    seed: int,
-    dtype: torch.dtype = torch.float64,
-    spare_blocks: int = 3,
-    device: str = "cpu",
-) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
-
-    blocks_needed = [-(-s // block_size) for s, _ in requests]
-    num_blocks = sum(blocks_needed) + spare_blocks
-    free = torch.randperm(num_blocks, generator=gen).tolist()
-    # Garbage everywhere, including the unused tails of blocks, to catch reads past seq_len.
-    k_cache = randn(num_blocks, block_size, num_kv_heads, head_dim) * 100
-    v_cache = randn(num_blocks, block_size, num_kv_heads, head_dim) * 100
-    tables = [[free.pop() for _ in range(n)] for n in blocks_needed]
-
-    def slot(table: list[int], p: int) -> int:
-        return table[p // block_size] * block_size + p % block_size
-
-    qsl, slot_mapping, new_k, new_v = [0], [], [], []
-    for (seq_len, q_len), table in zip(requests, tables, strict=True):
-        context_k, context_v = (
-            randn(seq_len, num_kv_heads, head_dim),
-            randn(seq_len, num_kv_heads, head_dim),
-        )
-        cached = seq_len - q_len  # earlier steps wrote these
-        for p in range(cached):
-            k_cache.view(-1, num_kv_heads, head_dim)[slot(table, p)] = context_k[p]
-            v_cache.view(-1, num_kv_heads, head_dim)[slot(table, p)] = context_v[p]
-        new_k.append(context_k[cached:])
-        new_v.append(context_v[cached:])
-        slot_mapping += [slot(table, p) for p in range(cached, seq_len)]
-        qsl.append(qsl[-1] + q_len)
-    width = max(len(t) for t in tables)
-    seq_lens = [s for s, _ in requests]
-    meta = AttentionMetadata(
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-        block_table=torch.tensor(
-            [t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=device
-        ),
-        max_query_len=max(q for _, q in requests),
-        max_seq_len=max(seq_lens),
-        block_size=block_size,
-        query_start_loc_cpu=tuple(qsl),
-        seq_lens_cpu=tuple(seq_lens),
-    )
-    return Batch(
-        q=randn(qsl[-1], num_kv_heads * group, head_dim).to(device),
-        k=torch.cat(new_k).to(device),
-        v=torch.cat(new_v).to(device),
-        k_cache=k_cache.to(device),
-        v_cache=v_cache.to(device),
-        meta=meta,
-        scale=head_dim**-0.5,
-    )
-
-
-def run_backend(
-    backend, batch: Batch, sliding_window: int | None, softcap: float | None = None
-) -> tuple[torch.Tensor, ...]:
-    """write_kv then forward on private copies of the batch's cache."""
-    k_cache, v_cache = batch.k_cache.clone(), batch.v_cache.clone()
-    backend.write_kv(batch.k, batch.v, k_cache, v_cache, batch.meta)
-    kwargs = {} if softcap is None else {"softcap": softcap}
-    out = backend.forward(
-        batch.q, k_cache, v_cache, batch.meta, batch.scale, sliding_window, **kwargs
-    )
-    return out, k_cache, v_cache
-
-
-# None, or caps from strong (most scores squashed) to weak (about the identity).
-softcaps = st.sampled_from([None, 0.7, 3.0, 50.0])
-
-
-@st.composite
-def mixed_batches(draw, max_len: int = 48):
-    """Requests that are decodes (q_len 1), whole prompts (q_len = seq_len) or prompt chunks on
-    top of a cached prefix, in any order."""
-    requests = []
-    for _ in range(draw(st.integers(1, 6))):
-        seq_len = draw(st.integers(1, max_len))
-        kind = draw(st.sampled_from(["decode", "prompt", "chunk"]))
-        if kind == "decode":
-            q_len = 1
-        elif kind == "prompt":
-            q_len = seq_len
-        else:
-            q_len = draw(st.integers(1, seq_len))
-        requests.append((seq_len, q_len))
-    return dict(
-        requests=requests,
-        block_size=draw(st.sampled_from([1, 2, 3, 4, 8, 16])),
-        num_kv_heads=draw(st.integers(1, 3)),
-        group=draw(st.sampled_from([1, 2, 3, 4])),
-        head_dim=draw(st.sampled_from([4, 8, 16])),
-        seed=draw(st.integers(0, 2**31 - 1)),
-    )
-
+from engine.testing import check_attention_backend
+from engine.testing.strategies import make_batch, mixed_batches, run_backend, softcaps
 
 # One backend instance across examples, as in an engine: its per-step plan cache must notice
 # every new metadata object.
@@ -252,3 +133,11 @@ def test_decode_only_batch_uses_the_gather_free_path():
     expected, _, _ = run_backend(_REFERENCE, batch, None)
     out, _, _ = run_backend(TorchNativeAttention(), batch, None)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_backend_passes_the_kit(tmp_path):
+    """The kit's own check (the entry point for new backends) on the torch backend."""
+    check_attention_backend(TorchNativeAttention, max_examples=40, repro_dir=tmp_path)
+    check_attention_backend(
+        TorchNativeAttention, dtype=torch.float32, max_examples=20, repro_dir=tmp_path
+    )

@@ -3,52 +3,19 @@
 Hypothesis draws request lengths (with part of each context already cached), head counts with
 GQA ratios, block sizes, sliding windows, attention-logit soft-caps (Gemma 2) and a shuffled
 block assignment; the K/V are written through the slot
-mapping, so the test also checks the write path and the block-table gather.
+mapping, so the test also checks the write path and the block-table gather. The strategy and the
+dense attention come from the research kit (engine/testing/strategies.py).
 """
 
 from __future__ import annotations
 
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from engine.attention import AttentionMetadata
 from engine.reference.attention import ReferenceAttention
-
-
-def dense_causal_attention(q, k, v, scale, q_offset, sliding_window=None, softcap=None):
-    """q [Q, Hq, D], k/v [S, Hkv, D]; query i sits at position q_offset + i. With softcap c,
-    scores s become c * tanh(s / c) (HF Gemma 2's eager attention)."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    qpos = torch.arange(q.shape[0])[:, None] + q_offset
-    kpos = torch.arange(k.shape[0])[None, :]
-    mask = kpos <= qpos
-    if sliding_window is not None:
-        mask &= qpos - kpos < sliding_window
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
-
-
-@st.composite
-def batches(draw):
-    block_size = draw(st.sampled_from([1, 2, 3, 4, 8, 16]))
-    num_kv_heads = draw(st.integers(1, 3))
-    group = draw(st.sampled_from([1, 2, 4]))
-    head_dim = draw(st.sampled_from([4, 8, 16]))
-    requests = []
-    for _ in range(draw(st.integers(1, 4))):
-        seq_len = draw(st.integers(1, 40))
-        q_len = draw(st.integers(1, seq_len))  # the rest was cached by earlier steps
-        requests.append((seq_len, q_len))
-    window = draw(st.one_of(st.none(), st.integers(1, 20)))
-    softcap = draw(st.sampled_from([None, 0.5, 2.0, 30.0]))
-    seed = draw(st.integers(0, 2**31 - 1))
-    return block_size, num_kv_heads, group, head_dim, requests, window, softcap, seed
+from engine.testing.strategies import dense_causal_attention
+from engine.testing.strategies import reference_batches as batches
 
 
 @settings(max_examples=60, deadline=None)
