@@ -82,6 +82,7 @@ class Int8LinearMethod(LinearMethod):
         layer.wscale = scale.to(device=device, dtype=torch.float32)
         layer.wscale_bf16 = layer.wscale.to(torch.bfloat16)
         layer.qlinear_weight = None
+        layer.int8_min_qlinear_rows = self.qlinear_min_rows
         if (
             device.type == "cpu"
             and self.qlinear_min_rows is not None
@@ -90,13 +91,15 @@ class Int8LinearMethod(LinearMethod):
         ):
             layer.qlinear_weight = torch.ops.onednn.qlinear_prepack(layer.qweight, None)
             layer.wzero = torch.zeros(q.shape[0], dtype=torch.int64)
+            if _qlinear_faster_at_one_row(layer):
+                layer.int8_min_qlinear_rows = 1
         layer.pre_quantized = None
         layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return F.linear(x, self.dequantized_weight(layer).to(x.dtype), layer.bias)
-        if layer.qlinear_weight is not None and x.shape[0] >= (self.qlinear_min_rows or 0):
+        if layer.qlinear_weight is not None and x.shape[0] >= layer.int8_min_qlinear_rows:
             out = in_row_buckets(lambda rows: _qlinear(rows, layer), x)
         else:
             out = torch._weight_int8pack_mm(
@@ -114,6 +117,46 @@ class Int8LinearMethod(LinearMethod):
         if layer.qlinear_weight is not None:
             tensors.append(layer.qlinear_weight)
         return tensors
+
+
+_ONE_ROW_CHOICE: dict[tuple[int, int], bool] = {}  # (out, in) -> qlinear faster at one row
+
+
+def _qlinear_faster_at_one_row(layer: Linear) -> bool:
+    """Times both kernels at one row for this weight shape (once per shape, best of 3).
+
+    int8pack wins on the layers' shapes (SmolLM-135M: 0.21 ms vs 0.30 for a layer's four
+    GEMMs) but loses badly on a large LM head (49152 x 576: 8.0 ms vs 2.0), so it is measured.
+    """
+    key = (layer.out_features, layer.in_features)
+    if key not in _ONE_ROW_CHOICE:
+        import time
+
+        x = torch.randn(1, layer.in_features)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        int8pack = best(
+            lambda: torch._weight_int8pack_mm(
+                x.to(torch.bfloat16), layer.qweight, layer.wscale_bf16
+            )
+        )
+        qlinear = best(lambda: _qlinear(x, layer))
+        _ONE_ROW_CHOICE[key] = qlinear < 0.8 * int8pack  # a clear win only: timings are noisy
+        logger.debug(
+            "int8 %s at one row: int8pack %.3f ms, qlinear %.3f ms",
+            key,
+            int8pack * 1e3,
+            qlinear * 1e3,
+        )
+    return _ONE_ROW_CHOICE[key]
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
