@@ -5,7 +5,8 @@ Tolerances, per output element y[t, n] (|x| @ |W|.T is the sum of the absolute p
   bfloat16 (relative error 2^-9 each, so at most 3 * 2^-9 * sum_k |x_k W_nk| together with the
   float32 accumulation), bounded by 2^-7 * (|x| @ Wabs.T) where Wabs >= |W| elementwise
   (for int4, Wabs = |q - 8| * scale + |zero|, as the kernel rounds scale and zero separately).
-- oneDNN qlinear (int8, rows >= QLINEAR_MIN_ROWS): each row's activations are quantized to
+- oneDNN qlinear (int8, rows >= QLINEAR_MIN_ROWS, or every row count where a load-time
+  measurement found it faster at one row): each row's activations are quantized to
   int8 with step s_t = max_k |x_tk| / 127: |dx| <= s_t / 2, so |dy| <= s_t / 2 * sum_k |W_nk|,
   plus the float32 rounding of the output.
 The quantizers themselves are checked too: int8 codes are within half a step of the weight,
@@ -20,12 +21,7 @@ from hypothesis import strategies as st
 
 from engine.models.layers import Linear
 from engine.quantization.int4 import Int4LinearMethod, dequantize_int4, quantize_int4
-from engine.quantization.int8 import (
-    QLINEAR_MIN_ROWS,
-    Int8LinearMethod,
-    quantize_activations,
-    quantize_int8,
-)
+from engine.quantization.int8 import Int8LinearMethod, quantize_activations, quantize_int8
 
 
 def _layer(n: int, k: int, bias: bool, seed: int) -> Linear:
@@ -68,7 +64,7 @@ def test_int8_linear_matches_dequantized_reference(n, k, rows, bias, dtype, seed
     x32 = x.to(torch.float32)
     ref = x32 @ wd.T + (layer.bias if bias else 0)
     bound = 2**-7 * (x32.abs() @ wd.abs().T) + 2**-7 * ref.abs() + 1e-5
-    if rows >= QLINEAR_MIN_ROWS:
+    if layer.qlinear_weight is not None and rows >= layer.int8_min_qlinear_rows:
         _, step = quantize_activations(x32)  # [rows, 1]
         bound = bound + step / 2 * wd.abs().sum(1)
     err = (out.to(torch.float32) - ref).abs()
