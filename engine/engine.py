@@ -43,6 +43,7 @@ from engine.scheduler.interface import Scheduler, SchedulerOutput, SchedulerStat
 from engine.scheduler.scheduler import DefaultScheduler
 from engine.spec_decode.speculator import SpecDecodeStats, Speculator
 from engine.stop import StopStringChecker
+from engine.structured.manager import StructuredOutputManager, StructuredSampler
 from engine.tokenizer import IncrementalDetokenizer, apply_chat_template, load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -137,6 +138,12 @@ class LLMEngine:
         )
         if self.speculator is not None:
             self.speculator.init_kv_cache(self.cache_config)
+        # Structured outputs: grammars compiled (cached) per request; the runner's sampler gets
+        # each step's grammar bitmasks from _run_step.
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids
+        )
+        self.runner.sampler = StructuredSampler()
         reference = self.scheduler_config.scheduler == "reference"
         scheduler_class = ReferenceScheduler if reference else DefaultScheduler
         self.scheduler: Scheduler = scheduler_class(self.scheduler_config, self.cache_config)
@@ -217,6 +224,9 @@ class LLMEngine:
         if cache_salt is not None and not isinstance(cache_salt, str):
             raise ValueError(f"cache_salt must be a string, got {cache_salt!r}")
 
+        # Compiled before anything is added: a grammar that fails is a ValueError naming it.
+        grammars = [self.structured.new_matcher(params.structured_outputs) for _ in range(params.n)]
+
         requests: list[Request] = []
         for index in range(params.n):
             if params.seed is None:
@@ -235,6 +245,7 @@ class LLMEngine:
                     sample_index=index,
                     cache_salt=cache_salt,
                     bad_words_token_ids=bad_words_token_ids,
+                    grammar=grammars[index],
                 )
             )
         group = _Group(
@@ -285,6 +296,7 @@ class LLMEngine:
             group = self._groups.pop(rid, None)
             if group is not None:
                 child_ids += [r.request_id for r in group.requests]
+                StructuredOutputManager.release(group.requests)
         if child_ids:
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
 
@@ -334,6 +346,7 @@ class LLMEngine:
 
     def _run_step(self, output: SchedulerOutput) -> dict[str, tuple[_Group, list[int]]]:
         """Computes the scheduled step; returns group id -> (group, sample indices advanced)."""
+        self._set_grammar_bitmasks(output)
         result = self.runner.execute(output)
         self._add_prompt_logprobs(output, result)
         updated = self.scheduler.update_from_output(output, result.sampled)
@@ -345,12 +358,28 @@ class LLMEngine:
             group = self._groups.get(request.parent_id or request.request_id)
             if group is None:
                 continue
+            self._advance_grammar(request)
             self._process_new_tokens(group, request)
             touched.setdefault(group.request_id, (group, []))[1].append(request.sample_index)
         if self.speculator is not None:
             assert isinstance(self.scheduler, DefaultScheduler)
             self.speculator.propose(output, self.scheduler.kv)
         return touched
+
+    def _set_grammar_bitmasks(self, output: SchedulerOutput) -> None:
+        """The grammar bitmasks of the step's plain sampling rows, in the runner's row order
+        (`prepare_inputs`: requests that sample without drafts; draft verification computes
+        its own in the verifier)."""
+        sampler = self.runner.sampler
+        if isinstance(sampler, StructuredSampler):
+            sampling = [i.request for i in output.scheduled if i.sample and not i.spec_token_ids]
+            sampler.next_bitmasks = StructuredOutputManager.bitmasks_for(sampling)
+
+    def _advance_grammar(self, request: Request) -> None:
+        """The update path of structured outputs: the matcher consumes the accepted tokens; a
+        grammar that has terminated finishes the request with "stop"."""
+        if self.structured.advance(request) and not request.is_finished:
+            self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
 
     def _make_outputs(self, touched: dict[str, tuple[_Group, list[int]]]) -> list[RequestOutput]:
         outputs = []
@@ -361,6 +390,7 @@ class LLMEngine:
             elif finished or group.output_kind is RequestOutputKind.CUMULATIVE:
                 outputs.append(self._make_output(group))
             if finished:
+                StructuredOutputManager.release(group.requests)
                 del self._groups[group.request_id]
         return outputs
 

@@ -101,6 +101,9 @@ class Request:
     spec_draft_probs: Any = None
     # Incremental output-token counts for the penalties (None when the request uses none).
     penalty_counts: PenaltyCounts | None = None
+    # Structured outputs: the grammar matcher (engine.structured.grammar.GrammarMatcher), which
+    # has consumed exactly output_token_ids; None when unconstrained or once released.
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if self.penalty_counts is None and penalties_enabled(self.sampling_params):

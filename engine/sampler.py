@@ -12,7 +12,10 @@ Order of operations, vectorised over the batch with each row's own parameters (v
 6. penalties: repetition_penalty (tokens in prompt or output: positive logits / p, negative
    logits * p), then frequency_penalty * count and presence_penalty * [count > 0] (counts over
    the output only) subtracted.
-7. temperature: rows with temperature 0 are greedy: argmax of the logits after step 6, and
+6b. structured outputs: rows with a grammar (`SamplingRow.grammar_bitmask`, the packed bitmask of
+   the tokens the request's grammar allows next) -> every other token -inf. This is vLLM's place
+   for the mask: after the logits processors, before temperature.
+7. temperature: rows with temperature 0 are greedy: argmax of the logits after step 6b, and
    steps 8-10 do not apply to them.
 8. min_p: tokens with probability below min_p * (the top probability) -> -inf.
 9. top-k, then top-p over what top-k kept (both keep every token tied with the last one kept).
@@ -21,7 +24,11 @@ Order of operations, vectorised over the batch with each row's own parameters (v
     without sorting the vocabulary (see there); `sampling_distribution` gives the probabilities.
 
 If steps 2-5 leave a row with no token at all (e.g. allowed_token_ids that are all bad words),
-that row falls back to its raw logits rather than sampling from nothing.
+that row falls back to its raw logits rather than sampling from nothing. The grammar outranks
+them: if the grammar mask leaves nothing of the processed row (say min_tokens bans the end of
+sequence that a complete JSON value requires), the row is the raw logits with the grammar mask
+alone, so the output always matches the grammar. Only an empty grammar mask (a matcher in an
+error state) leaves a row unconstrained.
 
 Batch invariance: the noise E of a row comes from a generator seeded only by the request's
 sampling seed and the output position being sampled, and every step above is row-wise, so a
@@ -40,6 +47,7 @@ from engine.logprobs import logprob_entries
 from engine.penalties import PenaltyCounts, add_counts, penalties_enabled
 from engine.sampling_params import SamplingParams
 from engine.scheduler.interface import SampledToken
+from engine.structured.grammar import bitmask_to_bool
 
 _MASK64 = (1 << 64) - 1
 _NEG_INF = float("-inf")
@@ -78,6 +86,9 @@ class SamplingRow:
     draft_token_ids: Sequence[int] = ()
     # The request's incremental counts (penalties); None: counted here from the sequences.
     penalty_counts: PenaltyCounts | None = None
+    # Structured outputs: [ceil(V / 32)] int32, bit t % 32 of word t // 32 set when token t may
+    # come next (the request's grammar state after the output so far, drafts included).
+    grammar_bitmask: torch.Tensor | None = None
 
     def output_tail(self, n: int) -> list[int] | None:
         """The last n tokens of the output so far (drafts included); None if it is shorter."""
@@ -289,8 +300,31 @@ def exponential_noise(
     return noise.neg_().log1p_().neg_().clamp_(min=torch.finfo(dtype).tiny)
 
 
+def apply_grammar(
+    processed: torch.Tensor, raw: torch.Tensor, rows: Sequence[SamplingRow]
+) -> torch.Tensor:
+    """Step 6b: processed [B, V] -> the same with tokens the rows' grammars forbid at -inf. A row
+    the mask would empty gets raw [B, V] logits under the grammar mask alone; an empty grammar
+    mask leaves its row as it was."""
+    constrained = [i for i, r in enumerate(rows) if r.grammar_bitmask is not None]
+    if not constrained:
+        return processed
+    device = processed.device
+    bitmask = torch.stack([rows[i].grammar_bitmask for i in constrained])  # [b, W]
+    allowed = bitmask_to_bool(bitmask.to(device, non_blocking=True), processed.shape[-1])
+    index = torch.tensor(constrained, device=device)
+    values = processed.index_select(0, index).masked_fill(~allowed, _NEG_INF)  # [b, V]
+    dead = torch.isneginf(values).all(dim=-1)  # [b]
+    if bool(dead.any()):
+        grammar_only = raw.index_select(0, index).masked_fill(~allowed, _NEG_INF)
+        values = torch.where(dead[:, None], grammar_only, values)
+        still_dead = torch.isneginf(values).all(dim=-1)
+        values = torch.where(still_dead[:, None], processed.index_select(0, index), values)
+    return processed.index_copy(0, index, values)
+
+
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Steps 2-6 of the module docstring: [B, V] raw logits -> [B, V] processed logits."""
+    """Steps 2-6b of the module docstring: [B, V] raw logits -> [B, V] processed logits."""
     processed = apply_allowed_token_ids(logits, rows)
     processed = apply_bad_words(processed, rows)
     processed = apply_min_tokens(processed, rows)
@@ -299,7 +333,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
         dead = torch.isneginf(processed).all(dim=-1)  # [B]
         if bool(dead.any()):
             processed = torch.where(dead[:, None], logits, processed)
-    return apply_penalties(processed, rows)
+    return apply_grammar(apply_penalties(processed, rows), logits, rows)
 
 
 def truncated_logits(

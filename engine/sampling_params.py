@@ -22,6 +22,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.structured.params import StructuredOutputsParams
+
 # Below this temperature sampling is treated as greedy; vLLM uses the same cut-off.
 _GREEDY_EPS = 1e-5
 _MAX_ABS_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
@@ -108,6 +110,10 @@ class SamplingParams:
     output_kind: what each RequestOutput carries: RequestOutputKind.CUMULATIVE (everything so
         far), DELTA (only what is new since the previous output) or FINAL_ONLY (one output at
         the end). Accepts the enum, its value or its name.
+    structured_outputs: the output must match a JSON schema, regex, choice or grammar
+        (`StructuredOutputsParams`, or a dict of its fields, vLLM's names). The grammar's mask is
+        applied after the logits processors and before temperature; logprobs stay the raw ones.
+        A request whose grammar is complete and that emits end-of-sequence finishes with "stop".
     """
 
     n: int = 1
@@ -133,6 +139,7 @@ class SamplingParams:
     allowed_token_ids: tuple[int, ...] | None = None  # input: a non-empty list of ids
     bad_words: tuple[str, ...] | None = None  # input: a list of str
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None  # input: also a dict of its fields
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -192,6 +199,9 @@ class SamplingParams:
             words = _normalize_strings("bad_words", self.bad_words, allow_str=False)
             object.__setattr__(self, "bad_words", words)
         object.__setattr__(self, "output_kind", _normalize_output_kind(self.output_kind))
+        if self.structured_outputs is not None:
+            structured = StructuredOutputsParams.from_dict(self.structured_outputs)
+            object.__setattr__(self, "structured_outputs", structured)
 
     @property
     def greedy(self) -> bool:

@@ -6,6 +6,12 @@ request's own sampling parameters as if d_1..d_j had already been generated (pen
 min_tokens see them), so p_j is exactly the distribution the non-speculative sampler would use at
 that output position. Then the rejection sampler keeps a prefix of the drafts and adds one token.
 
+Structured outputs: row j of a request with a grammar carries the bitmask of its grammar after
+d_1..d_j. The matcher is walked through the drafts to compute them and rolled back at once (the
+engine's update path then consumes what was accepted). A draft the grammar forbids gets
+probability 0 after the mask, so the rejection sampler rejects it (greedy or not); the rows after
+it are never used and repeat its mask.
+
 Randomness is seeded per (request seed, output position) like the sampler's: the bonus or
 resampled token at output position t uses the same exponential noise a non-speculative step at t
 would, and the accept test draws its uniform from a separate stream.
@@ -30,6 +36,7 @@ from engine.sampler import (
 )
 from engine.scheduler.interface import SampledToken
 from engine.spec_decode.rejection_sampler import rejection_sample
+from engine.structured.grammar import bitmask_allows
 
 _ACCEPT_SEED_SALT = 0xACC3_97ED
 
@@ -41,9 +48,35 @@ class VerifyItem:
     draft_probs: torch.Tensor | None  # [m, V] from a draft model that sampled; else None
 
 
+def grammar_bitmasks(item: VerifyItem) -> list[torch.Tensor | None]:
+    """Per verify row j (0..m), the bitmask of the request's grammar after d_1..d_j (None for
+    every row without a grammar). The matcher ends where it started."""
+    matcher = item.request.grammar
+    m = len(item.draft_token_ids)
+    if matcher is None:
+        return [None] * (m + 1)
+    masks: list[torch.Tensor | None] = []
+    consumed = 0
+    try:
+        for j in range(m + 1):
+            masks.append(matcher.bitmask())
+            if j == m:
+                break
+            draft = item.draft_token_ids[j]
+            allowed = not matcher.terminated and bitmask_allows(masks[-1], draft)
+            if not allowed or not matcher.accept([draft]):
+                masks += [masks[-1]] * (m - j)  # d_{j+1} is forbidden: it will be rejected
+                break
+            consumed += 1
+    finally:
+        matcher.rollback(consumed)
+    return masks
+
+
 def verify_rows(item: VerifyItem) -> list[SamplingRow]:
     """The m + 1 sampling rows of one request, row j seeing drafts d_1..d_j as outputs."""
     request = item.request
+    bitmasks = grammar_bitmasks(item)
     return [
         SamplingRow(
             params=request.sampling_params,
@@ -55,6 +88,7 @@ def verify_rows(item: VerifyItem) -> list[SamplingRow]:
             bad_words_token_ids=request.bad_words_token_ids,
             draft_token_ids=item.draft_token_ids[:j],
             penalty_counts=request.penalty_counts,
+            grammar_bitmask=bitmasks[j],
         )
         for j in range(len(item.draft_token_ids) + 1)
     ]
