@@ -478,12 +478,13 @@ def _gguf_config(path: Path) -> tuple[Any, str, Any]:
     """
     from transformers import AutoConfig
 
-    from engine.models.gguf_loader import GGUFCheckpoint
+    from engine.models.gguf_loader import open_gguf, reuse_parsed_metadata
 
-    checkpoint = GGUFCheckpoint(path)
+    checkpoint = open_gguf(path)
     checkpoint.check()
     try:
-        hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        with reuse_parsed_metadata(checkpoint):
+            hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
         raise ValueError(f"could not read the config of GGUF file {path.name}: {e}") from e
     hf_config.architectures = [checkpoint.architecture]
@@ -500,7 +501,8 @@ def _gguf_config(path: Path) -> tuple[Any, str, Any]:
             from transformers import AutoTokenizer
 
             try:
-                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                with reuse_parsed_metadata(checkpoint):
+                    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             except Exception as e:
                 raise ValueError(
                     f"could not build a tokenizer from GGUF file {path.name} ({e}); "

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from engine.attention import AttentionBackend
 from engine.config import ModelConfig
-from engine.models.gguf_loader import GGUFCheckpoint, is_gguf_file
+from engine.models.gguf_loader import is_gguf_file, open_gguf
 from engine.models.layers import Linear
 from engine.models.registry import get_model_class
 
@@ -78,7 +78,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend) -> torch.nn
     )
     gguf = None
     if is_gguf_file(model_config.model_path):
-        gguf = GGUFCheckpoint(model_config.model_path)
+        gguf = open_gguf(model_config.model_path)
         logger.info(
             "GGUF %s: %s",
             model_config.model_path.name,
@@ -108,6 +108,8 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend) -> torch.nn
         model.load_weights(weights, choose)
     if hasattr(choose, "report"):
         choose.report()
+    if gguf is not None:
+        gguf.quantized.clear()  # the raw blocks were only needed to choose the formats
     model.eval()
     logger.info(
         "loaded %s (%s, %.1fM parameters, %s, quantization %s) in %.2f s; weights: %s",
