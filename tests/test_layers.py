@@ -43,14 +43,20 @@ def _filled_linear(out: int, inp: int, bias: bool = True, **kw) -> Linear:
     ],
     ids=lambda m: f"{m.name}",
 )
-def test_linear_methods_match_their_reference(method):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_linear_methods_match_their_reference(method, dtype):
+    if isinstance(method, OneDNNLinearMethod) and not can_pack_for_cpu(dtype, torch.device("cpu")):
+        pytest.skip(f"no oneDNN {dtype} kernels")
     layer = _filled_linear(40, 24)
+    layer.to(dtype)
     plain = layer.weight.data.clone()
     layer.process_weights_after_loading(method)
     torch.testing.assert_close(layer.dequantized_weight(), plain)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: 8 bits of mantissa
     for rows in (1, 3, 17):
-        x = torch.randn(rows, 24)
-        torch.testing.assert_close(layer(x), x @ plain.T + layer.bias, rtol=1e-5, atol=1e-5)
+        x = torch.randn(rows, 24).to(dtype)
+        ref = (x.float() @ plain.float().T + layer.bias.float()).to(dtype)
+        torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol)
 
 
 class _Block(nn.Module):

@@ -161,18 +161,24 @@ def onednn_row_buckets() -> list[int]:
 
 
 def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
-    """float32 on a CPU with oneDNN; ENGINE_ONEDNN_LINEAR=0 keeps plain torch GEMMs."""
-    return (
-        device.type == "cpu"
-        and dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and os.environ.get("ENGINE_ONEDNN_LINEAR", "1") != "0"
-    )
+    """float32 (or bfloat16 where oneDNN has bf16 kernels) on a CPU with oneDNN;
+    ENGINE_ONEDNN_LINEAR=0 keeps plain torch GEMMs.
+
+    bfloat16, measured as above (one SmolLM-135M layer's four GEMMs, 1 thread): 0.19 ms packed
+    vs 0.39 column-major at 1 row, 0.59 vs 0.86 at 16, 2.2 vs 2.7 at 64.
+    """
+    if device.type != "cpu" or os.environ.get("ENGINE_ONEDNN_LINEAR", "1") == "0":
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
 
 
 class OneDNNLinearMethod(LinearMethod):
     """The weight in oneDNN's blocked layout (`layer.packed`); `layer.weight` keeps only its
-    shape (0 rows, no storage). Same values as the plain weight; float32 rounding differs."""
+    shape (0 rows, no storage). Same values as the plain weight; rounding of the sums differs."""
 
     name = "onednn"
 
@@ -195,7 +201,8 @@ class OneDNNLinearMethod(LinearMethod):
 
 
 def default_linear_method(dtype: torch.dtype, device: torch.device) -> LinearMethod:
-    """Unquantized weights: oneDNN-packed on CPU float32, column-major on other CPU dtypes."""
+    """Unquantized weights: oneDNN-packed on CPU float32/bfloat16, column-major on other CPU
+    dtypes (float64, float16), plain elsewhere."""
     if can_pack_for_cpu(dtype, device):
         return OneDNNLinearMethod()
     return UnquantizedLinearMethod(cpu_gemm_layout=device.type == "cpu")
