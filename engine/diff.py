@@ -18,6 +18,12 @@ and 1 otherwise, so a CI pipeline can use the command as a gate (2: bad argument
 
 Prompts: `--prompts FILE` with one prompt per line (text), or JSON lines holding
 {"prompt": "..."} or {"prompt_token_ids": [...]}; by default a built-in set of texts.
+
+`--layers` compares *inside* the network instead: one packed step through two sides
+(`--reference`, default `backend=reference`; `--candidate`, default the fast backend; each
+`backend=NAME,dtype=D,quantization=Q` or `hf`), with per-layer and per-sub-step errors, the
+first place beyond tolerance, `--json` and `--plot out.png` (see engine/layer_diff.py). Same
+exit statuses.
 """
 
 from __future__ import annotations
@@ -213,11 +219,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None)
+    layers = p.add_argument_group("layer-by-layer diff (--layers)")
+    layers.add_argument("--layers", action="store_true", help="compare every layer's outputs")
+    layers.add_argument(
+        "--reference",
+        default="backend=reference",
+        help="side A: backend=,dtype=,quantization= or hf",
+    )
+    layers.add_argument(
+        "--candidate", default=None, help="side B (default: backend=<--attention-backend>)"
+    )
+    layers.add_argument("--json", action="store_true", help="print the report as JSON")
+    layers.add_argument("--plot", default=None, help="write the error per layer to this PNG")
     return p.parse_args(argv)
+
+
+def prompt_token_ids(model: str, prompts: list) -> list[list[int]]:
+    """Token ids of text / JSON prompts with the model's tokenizer (for --layers)."""
+    if all(isinstance(p, dict) and "prompt_token_ids" in p for p in prompts):
+        return [list(p["prompt_token_ids"]) for p in prompts]
+    from engine.config import EngineArgs
+    from engine.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(EngineArgs(model=model).create_model_config().tokenizer_path)
+    ids = []
+    for p in prompts:
+        if isinstance(p, dict) and "prompt_token_ids" in p:
+            ids.append(list(p["prompt_token_ids"]))
+        else:
+            ids.append(tokenizer.encode(p["prompt"] if isinstance(p, dict) else p))
+    if any(not i for i in ids):
+        raise ValueError("prompts: a prompt has no tokens")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.layers:
+        from engine.layer_diff import run_layers
+
+        try:
+            return run_layers(args, prompt_token_ids(args.model, read_prompts(args.prompts)))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         prompts = read_prompts(args.prompts)
         common = dict(

@@ -61,3 +61,23 @@ def batch_mean_processor(logits: torch.Tensor, rows) -> torch.Tensor:
 
 register_attention_backend("counting", CountingBackend)
 register_proposer("repeat-last", RepeatLastProposer)
+
+
+class PerturbLayer1(ReferenceAttention):
+    """Reference attention, except that the second attention call of each step (layer 1) adds
+    1e-3 to every output: the fault engine.diff --layers must locate."""
+
+    name = "perturb-layer-1"
+    LAYER = 1
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._meta = None
+        self._call = 0
+
+    def forward(self, q, k_cache, v_cache, meta, scale, sliding_window=None, softcap=None):
+        if meta is not self._meta:  # a new step: layers count from 0 again
+            self._meta, self._call = meta, 0
+        out = super().forward(q, k_cache, v_cache, meta, scale, sliding_window, softcap)
+        self._call += 1
+        return out + 1e-3 if self._call - 1 == self.LAYER else out

@@ -78,3 +78,81 @@ def test_diff_reports_bad_prompt_files(llama_path, tmp_path, capsys):
     bad.write_text('{"text": "no prompt field"}\n')
     assert diff.main(["--model", str(llama_path), "--prompts", str(bad)]) == 2
     assert "needs 'prompt' or 'prompt_token_ids'" in capsys.readouterr().err
+
+
+# ---- --layers ----------------------------------------------------------------------------------
+
+
+def layers(argv, capsys):
+    code = diff.main(["--layers", *argv])
+    return code, capsys.readouterr()
+
+
+def test_layers_healthy_paths_agree_at_rounding_level(llama_path, prompts_file, capsys):
+    common = ["--model", str(llama_path), "--prompts", str(prompts_file), "--block-size", "4"]
+    code, out = layers([*common, "--dtype", "float64", "--candidate", "backend=torch"], capsys)
+    assert code == 0, out.out
+    assert "every sub-step within tolerance" in out.out and "| 1 | mlp |" in out.out
+    # fp32 fast vs fp64 reference, machine-readable
+    argv = [*common, "--reference", "dtype=float64", "--candidate", "backend=torch,dtype=float32"]
+    code, out = layers([*argv, "--json"], capsys)
+    report = json.loads(out.out)
+    assert code == 0 and report["agree"] and report["first_beyond_tolerance"] is None
+    rels = [row["max_rel"] for row in report["rows"]]
+    assert len(rels) == 1 + 3 * 2 + 2  # embedding, 3 per layer, final norm, logits
+    assert 0 < max(rels) < 1e-5  # float32 rounding, not zero and not more
+    # HF transformers in float64: the same activations to ~1e-15
+    argv = [*common, "--dtype", "float64", "--candidate", "hf", "--json"]
+    code, out = layers(argv, capsys)
+    report = json.loads(out.out)
+    assert code == 0 and max(row["max_rel"] for row in report["rows"]) < 1e-12
+    assert report["candidate"].startswith("hf transformers")
+
+
+def test_layers_name_the_perturbed_layer_and_sub_step(llama_path, prompts_file, capsys):
+    argv = [
+        "--model", str(llama_path), "--prompts", str(prompts_file), "--dtype", "float64",
+        "--candidate", "backend=tests.kit_plugins:PerturbLayer1", "--json",
+    ]  # fmt: skip
+    code, out = layers(argv, capsys)
+    report = json.loads(out.out)
+    assert code == 1 and not report["agree"]
+    first = report["first_beyond_tolerance"]
+    assert (first["layer"], first["step"]) == (1, "attention")
+    assert first["max_abs"] > 1e-4  # o_proj of the backend's +1e-3
+    rows = {(r["step"], r["layer"]): r for r in report["rows"]}
+    assert all(rows[(s, 0)]["ok"] for s in ("attention", "mlp", "layer"))
+    assert not rows[("logits", None)]["ok"]  # the fault propagates to the output
+    code, out = layers(argv[:-1], capsys)  # the table says it too
+    assert code == 1 and "first beyond tolerance: layer 1 attention" in out.out
+
+
+def test_layers_quantized_vs_not(llama_path, prompts_file, capsys):
+    argv = [
+        "--model", str(llama_path), "--prompts", str(prompts_file), "--dtype", "float32",
+        "--reference", "backend=torch", "--candidate", "backend=torch,quantization=int8", "--json",
+    ]  # fmt: skip
+    code, out = layers(argv, capsys)
+    report = json.loads(out.out)
+    rels = [row["max_rel"] for row in report["rows"]]
+    assert report["tolerance"] == 0.2 and "quantization=int8" in report["candidate"]
+    assert max(rels) > 1e-5 and (code == 0) == report["agree"]
+
+
+def test_layers_plot(llama_path, prompts_file, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    out_png = tmp_path / "layers.png"
+    argv = ["--model", str(llama_path), "--prompts", str(prompts_file), "--dtype", "float64"]
+    code, out = layers([*argv, "--plot", str(out_png)], capsys)
+    assert code == 0 and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {out_png}" in out.out
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # not installed
+    code, out = layers([*argv, "--plot", str(tmp_path / "x.png")], capsys)
+    assert (
+        code == 2 and "--plot needs matplotlib" in out.err and "pip install matplotlib" in out.err
+    )
+
+
+def test_layers_bad_sides_are_named(llama_path, capsys):
+    code, out = layers(["--model", str(llama_path), "--candidate", "colour=red"], capsys)
+    assert code == 2 and "--candidate: 'colour=red'" in out.err

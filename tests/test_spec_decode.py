@@ -172,6 +172,27 @@ def test_bench_spec_decode_runs_quick(tmp_path, monkeypatch, capsys):
     assert module.main(["--quick", "--batch-sizes", "2"]) == 0
     out = capsys.readouterr().out
     assert "ngram k=4" in out and "draft 1/2 layers" in out and "speed-up" in out
+    assert "suffix k=4" in out
+
+
+def test_bench_spec_decode_code_workload_quick(tmp_path, monkeypatch, capsys):
+    """The code workload (chat prompts asking to rewrite code), on the demo model: none, ngram
+    and suffix rows, every output equal to the baseline's."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from engine.demo import demo_model_path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "spec_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_spec_decode_code", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_spec_decode_code", module)
+    spec.loader.exec_module(module)
+    argv = ["--quick", "--workload", "code", "--batch-sizes", "2"]
+    assert module.main([*argv, "--code-model", str(demo_model_path())]) == 0
+    out = capsys.readouterr().out
+    assert out.count("smollm2 code") == 3 and "suffix k=4" in out and "ngram k=4" in out
 
 
 def test_stop_string_inside_accepted_drafts(llama_path, tokenizer):
