@@ -1,10 +1,12 @@
 """The fast quantized linears equal their reference, x @ W.T with W the dequantized weight.
 
 Tolerances, per output element y[t, n] (|x| @ |W|.T is the sum of the absolute products):
-- bfloat16 kernels (int8pack, int4pack): x, the scales/zeros and the output are rounded to
-  bfloat16 (relative error 2^-9 each, so at most 3 * 2^-9 * sum_k |x_k W_nk| together with the
-  float32 accumulation), bounded by 2^-7 * (|x| @ Wabs.T) where Wabs >= |W| elementwise
-  (for int4, Wabs = |q - 8| * scale + |zero|, as the kernel rounds scale and zero separately).
+- bfloat16 kernels (int8pack, int4pack, and oneDNN on the int8 values held in bfloat16 for
+  layers without int8 activations): x, the scales/zeros (or the weights) and the output are
+  rounded to bfloat16 (relative error 2^-9 each, so at most 3 * 2^-9 * sum_k |x_k W_nk|
+  together with the float32 accumulation), bounded by 2^-7 * (|x| @ Wabs.T) where
+  Wabs >= |W| elementwise (for int4, Wabs = |q - 8| * scale + |zero|, as the kernel rounds
+  scale and zero separately).
 - oneDNN qlinear (int8, rows >= QLINEAR_MIN_ROWS, or every row count where a load-time
   measurement found it faster at one row): each row's activations are quantized to
   int8 with step s_t = max_k |x_tk| / 127: |dx| <= s_t / 2, so |dy| <= s_t / 2 * sum_k |W_nk|,
@@ -47,10 +49,14 @@ def _input(rows: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     rows=st.integers(1, 40),
     bias=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    quantizable_input=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_int8_linear_matches_dequantized_reference(n, k, rows, bias, dtype, seed):
+def test_int8_linear_matches_dequantized_reference(
+    n, k, rows, bias, dtype, quantizable_input, seed
+):
     layer = _layer(n, k, bias, seed)
+    layer.quantizable_input = quantizable_input  # False: int8 values in bfloat16, oneDNN
     w = layer.weight.data.clone()
     q, scale = quantize_int8(w)
     assert (q.float() * scale[:, None] - w).abs().le(scale[:, None] / 2 + 1e-7).all()
