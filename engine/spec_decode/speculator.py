@@ -22,6 +22,7 @@ from engine.request import Request, RequestStatus
 from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
 from engine.scheduler.kv_cache_manager import KVCacheManager
 from engine.spec_decode.draft_model import DraftInput, DraftModelProposer
+from engine.spec_decode.ngram import NgramProposer
 from engine.spec_decode.registry import Proposer, build_proposer
 
 
@@ -76,6 +77,8 @@ class Speculator:
             self.draft = DraftModelProposer(model_config, spec, backend)
         else:
             self.proposer = build_proposer(spec, model_config)
+        # The n-gram matcher itself, for callers that look at it (tests inject faults there).
+        self.ngram: NgramProposer | None = getattr(self.proposer, "ngram", None)
 
     def init_kv_cache(self, cache_config: CacheConfig) -> None:
         if self.draft is not None:
