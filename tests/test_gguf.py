@@ -141,10 +141,15 @@ def test_gguf_float32_dequantized_is_close_to_hf(gguf_model):
         assert gap < 1e-3, f"divergence at {diverge} with logprob gap {gap}"
 
 
-def test_gguf_float32_keeps_4bit_values_on_int4_and_q8_0_on_int8(gguf_model):
+def test_gguf_float32_keeps_4bit_values_on_int4_and_q8_0_on_int8(gguf_model, caplog):
     src, path = gguf_model
     common = {"tokenizer": str(src), "dtype": "float32", "kv_cache_memory_bytes": 2**22}
-    fast = LLM(str(path), **common).llm_engine.model
+    with caplog.at_level("INFO"):
+        fast = LLM(str(path), **common).llm_engine.model
+    # The start-up log: what was kept, what requantized, and the weight bytes per dtype.
+    assert "int4 kernels with their values kept: 2 Q4_0, 1 Q4_1, 2 Q4_K" in caplog.text
+    assert "requantized from group-32 to per-channel int8 scales: 1 layer(s)" in caplog.text
+    assert re.search(r"weights: [\d.]+ MiB \(.*int8 [\d.]+ MiB.*uint8 [\d.]+ MiB", caplog.text)
     plain = LLM(str(path), quantization="none", **common).llm_engine.model
     layers = dict(fast.named_modules())
     reference = {

@@ -75,7 +75,8 @@ def method_chooser(
     sources = sources or {}
     quantized = quantized or {}
     requantized: list[str] = []
-    kept: dict[str, int] = {}
+    kept: dict[str, int] = {}  # GGUF type -> tensors kept as int4 codes
+    kept_layers: set[str] = set()
 
     def choose(name: str, layer: Linear) -> LinearMethod:
         shards = sorted(sources.get(f"{name}.weight", []), key=lambda src: src[1])  # by row
@@ -93,8 +94,10 @@ def method_chooser(
                 torch.cat([p[2] for p in parts]),
                 GROUP_SIZE,
             )
-            for t in types:
-                kept[t] = kept.get(t, 0) + 1
+            if name not in kept_layers:  # (a tied head is asked for twice)
+                kept_layers.add(name)
+                for b in blocks:
+                    kept[b.qtype] = kept.get(b.qtype, 0) + 1  # type: ignore[union-attr]
             return int4
         if types == {"Q8_0"}:
             if name not in requantized:  # (a tied head is asked for twice)
@@ -105,7 +108,7 @@ def method_chooser(
     def report() -> None:
         if kept:
             logger.info(
-                "GGUF 4-bit weights on the int4 kernels with their values kept: %s",
+                "GGUF 4-bit tensors on the int4 kernels with their values kept: %s",
                 ", ".join(f"{n} {t}" for t, n in sorted(kept.items())),
             )
         if requantized:
