@@ -232,6 +232,9 @@ class AsyncEngine:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.observer = observer
+        # Called on the engine thread right before each step, inside its error handling: a hook
+        # that raises makes that step fail like a real one (fault-injection soaks and tests).
+        self.fault_hook: Any = None
         # Returns a spike's freed heap to the kernel (checked between steps, rate-limited).
         self.heap_trimmer = heap_trimmer if heap_trimmer is not None else HeapTrimmer()
         self._commands: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -485,6 +488,8 @@ class AsyncEngine:
     def _step(self) -> bool:
         """One engine step; True when it produced outputs."""
         try:
+            if self.fault_hook is not None:
+                self.fault_hook()  # fault injection (bench/fault_soak.py): may raise
             outputs = self.engine.step()
         except Exception as e:
             logger.exception(

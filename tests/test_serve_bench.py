@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import statistics
 import sys
@@ -98,3 +99,36 @@ def test_poisson_level_runs(server):
     )  # fmt: skip
     assert levels[0].concurrency is None and levels[0].request_rate == 50
     assert (levels[0].num_ok, levels[0].num_failed) == (4, 0)
+
+
+def _load(name: str):
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fault_soak_quick(capsys, tmp_path):
+    """bench/fault_soak.py --quick: random step faults, disconnects and aborts; every completed
+    request equals the clean run, nothing is left running, no block in use."""
+    out = tmp_path / "soak.json"
+    assert _load("fault_soak").main(["--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    tally = result["tally"]
+    assert tally["faults"] > 0 and tally["failed_by_fault"] > 0  # faults did happen
+    assert tally["ok"] > 0 and tally["mismatched"] == 0
+    assert all(result["checks"].values())
+    assert "PASS: every completed request equals the clean run" in capsys.readouterr().out
+
+
+def test_abuse_quick(capsys, tmp_path):
+    """bench/abuse.py --quick: every abusive request gets its 4xx while /health and normal
+    requests keep being answered (the ratios are checked at full size, on a quiet machine)."""
+    out = tmp_path / "abuse.json"
+    assert _load("abuse").main(["--quick", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert all(result["checks"].values()) and not result["unexpected"]
+    printed = capsys.readouterr().out
+    assert "| n = 2^63 |" in printed and "| template loop 10^10 |" in printed
