@@ -176,6 +176,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--code-model", type=Path, default=DEFAULT_CODE_MODEL)
     p.add_argument("--code-output-len", type=int, default=None)
+    p.add_argument(
+        "--suffix-max-spec-factor",
+        type=float,
+        default=1.0,
+        help="suffix_decoding_max_spec_factor of the suffix rows",
+    )
     args = p.parse_args(argv)
     args.workload = args.workload or ("synthetic" if args.quick else "all")
     args.code_output_len = args.code_output_len or (24 if args.quick else 160)
@@ -185,8 +191,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+SUFFIX_FACTOR = 1.0  # vLLM's default suffix_decoding_max_spec_factor; --suffix-max-spec-factor
+
+
 def suffix_config(k: int) -> dict:
-    return {"method": "suffix", "num_speculative_tokens": k}
+    return {
+        "method": "suffix",
+        "num_speculative_tokens": k,
+        "suffix_decoding_max_spec_factor": SUFFIX_FACTOR,
+    }
 
 
 def row(target, batch, label, tokens, seconds, stats, baseline_tokens, baseline_s) -> list:
@@ -250,6 +263,8 @@ def code_rows(args: argparse.Namespace) -> list[list]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global SUFFIX_FACTOR
+    SUFFIX_FACTOR = args.suffix_max_spec_factor
     rows = [] if args.workload == "code" else synthetic_rows(args)
     if args.workload in ("code", "all"):
         rows += code_rows(args)

@@ -138,3 +138,11 @@ def test_bad_suffix_settings_are_named(field, value):
             model="x",
             speculative_config={"method": "suffix", "num_speculative_tokens": 2, field: value},
         )
+
+
+def test_long_copies_get_full_proposals():
+    """Copying a long span (code rewriting): the match is capped at depth - k, so k drafts fit
+    in the trie's depth (a match of depth - 1 would leave room for one)."""
+    tokens = list(range(100, 140)) + list(range(100, 130))
+    proposer = SuffixDecodingProposer(4, max_tree_depth=24)
+    assert proposer.propose(request(tokens), 4) == [130, 131, 132, 133]

@@ -12,13 +12,13 @@ its substring occurs. Two kinds of trie:
                   requests (insert O(n D) when a request finishes; evicted oldest first by
                   decrementing the same counts).
 
-Proposal, for each trie: the longest tail of the context (length m <= D - 1) that occurs in
-the trie with a continuation is found; from its node, the most frequent child is followed
-while the product of conditional frequencies (child count / sum of sibling counts) stays
->= `suffix_decoding_min_token_prob`, for at most min(max_tokens,
-floor(`suffix_decoding_max_spec_factor` x m)) tokens (longer matches speculate further; the
-trie depth bounds it too). The trie whose path has the larger expected number of accepted
-tokens (the sum of the path's probabilities) wins; ties go to the request's own trie.
+Proposal, for each trie: the longest tail of the context (length m <= max(1, D - k), leaving
+depth for k drafts) that occurs in the trie with a continuation is found; from its node, the
+most frequent child is followed while the product of conditional frequencies (child count /
+sum of sibling counts) stays >= `suffix_decoding_min_token_prob`, for at most
+min(max_tokens, floor(`suffix_decoding_max_spec_factor` x m)) tokens (longer matches speculate
+further; the trie depth bounds it too). The trie whose path has the larger expected number of
+accepted tokens (the sum of the path's probabilities) wins; ties go to the request's own trie.
 
 Invariants: a trie's node counts equal the number of occurrences of their substrings among the
 inserted sequences (tests/test_suffix.py checks it against a brute-force count, also after
@@ -105,13 +105,17 @@ class SuffixTrie:
                 return 0
         return node.count if tokens else 0
 
-    def longest_match(self, context: Sequence[int]) -> tuple[_Node | None, int]:
-        """(node, m) for the longest tail context[-m:] (m <= max_depth - 1) present in the trie
-        with at least one continuation; (None, 0) if none. If a tail is absent, so is every
-        longer one (its own tail is a substring), so the search stops at the first miss."""
+    def longest_match(
+        self, context: Sequence[int], max_len: int | None = None
+    ) -> tuple[_Node | None, int]:
+        """(node, m) for the longest tail context[-m:] (m <= max_len, default max_depth - 1)
+        present in the trie with at least one continuation; (None, 0) if none. If a tail is
+        absent, so is every longer one (its own tail is a substring), so the search stops at
+        the first miss."""
         best: tuple[_Node | None, int] = (None, 0)
         n = len(context)
-        for m in range(1, min(n, self.max_depth - 1) + 1):
+        limit = self.max_depth - 1 if max_len is None else min(max_len, self.max_depth - 1)
+        for m in range(1, min(n, limit) + 1):
             node: _Node | None = self.root
             for token in context[n - m :]:
                 node = node.children.get(token)
@@ -192,7 +196,8 @@ class SuffixDecodingProposer:
         for trie in (own, self.global_trie):
             if trie is None:
                 continue
-            node, m = trie.longest_match(context)
+            # Leave room in the trie's depth for `limit` drafts after the match.
+            node, m = trie.longest_match(context, max(1, self.max_tree_depth - limit))
             if node is None:
                 continue
             budget = min(limit, int(self.max_spec_factor * m))
