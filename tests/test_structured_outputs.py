@@ -104,8 +104,8 @@ def test_invalid_structured_outputs_name_the_field(structured, match):
 
 
 def test_params_are_hashable_and_canonical():
-    a = SamplingParams(structured_outputs={"json": {"b": 1, "type": "object"}})
-    b = SamplingParams(structured_outputs=StructuredOutputsParams(json='{"type":"object","b":1}'))
+    a = SamplingParams(structured_outputs={"json": {"type": "object", "b": 1}})
+    b = SamplingParams(structured_outputs=StructuredOutputsParams(json='{"type": "object", "b":1}'))
     assert a == b and hash(a) == hash(b)
     assert a.structured_outputs.json_schema == {"type": "object", "b": 1}
     assert a.replace(temperature=0).structured_outputs == a.structured_outputs
@@ -183,6 +183,27 @@ def test_grammar_outputs_parse(llm, grammar, equivalent):
     ):
         if out.finish_reason == "stop":
             assert re.fullmatch(equivalent, out.text), out.text
+
+
+def test_properties_come_in_schema_order_and_digits_are_ascii(llm, tokenizer):
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "boolean"}},
+        "required": ["zeta", "alpha"],
+        "additionalProperties": False,
+    }
+    for out in generate(
+        llm,
+        PROMPTS,
+        temperature=1.0,
+        seed=2,
+        structured_outputs={"json": schema, "disable_any_whitespace": True},
+    ):
+        assert list(json.loads(out.text)) == ["zeta", "alpha"]
+    matcher = llm.llm_engine.structured.compiler.matcher(StructuredOutputsParams(regex=r"\d+"))
+    arabic_three = tokenizer.encode("\u0663")
+    assert matcher.accept(arabic_three) < len(arabic_three)  # a Unicode digit is not \d
+    assert matcher.accept(tokenizer.encode("3")) == 1
 
 
 def test_grammar_end_finishes_the_request_even_with_ignore_eos(llm):

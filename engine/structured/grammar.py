@@ -151,7 +151,8 @@ class GrammarMatcher:
     # ---- moving -------------------------------------------------------------------------------
 
     def accept(self, token_ids: Sequence[int]) -> int:
-        """Consumes tokens in order until one is refused; returns how many were consumed."""
+        """Consumes tokens in order until one is refused; returns how many were consumed. A
+        refused token leaves the matcher as it was before it (still usable)."""
         done = 0
         for token_id in token_ids:
             if self.terminated:
@@ -160,6 +161,8 @@ class GrammarMatcher:
                 if self._matcher.is_error():
                     break
                 self._eos_uncounted = True  # llguidance would not record it
+            elif self._matcher.validate_tokens([token_id]) != 1:
+                break  # refused: llguidance would enter its error state if it consumed it
             elif not self._matcher.consume_token(token_id):
                 break
             if token_id in self.eos_token_ids:

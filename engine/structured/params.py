@@ -4,7 +4,7 @@ Exactly one form per request:
 
 - ``json``: a JSON schema (a dict, or its JSON text); the output is one JSON value valid for it.
 - ``regex``: the whole output matches the regular expression (Rust ``regex`` syntax, which is
-  Python's ``re`` without look-around and back-references).
+  Python's ``re`` without look-around and back-references; ``\\d`` is ``[0-9]``).
 - ``choice``: the output is exactly one of the given strings.
 - ``grammar``: a context-free grammar, in GBNF / EBNF (``root ::= ...``, llama.cpp's and vLLM's
   form) or Lark (``start: ...``).
@@ -20,9 +20,10 @@ parse, and ``... the grammar engine (llguidance) cannot compile it: ...`` (with 
 e.g. ``Unimplemented keys: ["dependentRequired"]`` or ``look-around ... is not supported``) for
 input that is valid but uses a feature the grammar engine lacks.
 
-Invariants: instances are frozen and hashable (a schema is kept as canonical JSON text, choices
-as a tuple), so ``SamplingParams`` stays hashable; ``grammar_source()`` is a pure function of the
-instance, the key of the compiled-grammar cache.
+Invariants: instances are frozen and hashable (a schema is kept as compact JSON text with its
+key order, which decides the order of generated properties; choices as a tuple), so
+``SamplingParams`` stays hashable; ``grammar_source()`` is a pure function of the instance, the
+key of the compiled-grammar cache.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def _canonical_schema(schema: Any) -> str:
             f"structured_outputs.json: a JSON schema is an object (or a boolean), got {schema!r}"
         )
     try:
-        text = json.dumps(schema, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        # Key order is kept: the grammar generates properties in the schema's order.
+        text = json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"structured_outputs.json: not JSON-serialisable: {exc}") from None
     _check_meta_schema(text)
@@ -155,13 +157,15 @@ def _normalize_choice(choice: Any) -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=256)
 def _grammar_source(form: str, spec: str, disable_any_whitespace: bool) -> str:
-    from llguidance import LLMatcher, grammar_from
+    from llguidance import LLMatcher, grammar_from, regex_to_lark
 
     if form in ("json", "json_object"):
         options = {"whitespace_flexible": not disable_any_whitespace}
         return LLMatcher.grammar_from_json_schema(spec, defaults=options)
     if form == "regex":
-        return LLMatcher.grammar_from_regex(spec)
+        # \d means the ASCII digits [0-9] (as in xgrammar and JSON Schema), not every Unicode
+        # digit as Rust's regex would read it.
+        return LLMatcher.grammar_from_lark(f"start: /{regex_to_lark(spec, 'd')}/")
     if form == "choice":
         return grammar_from("choice", spec)
     try:
