@@ -47,3 +47,19 @@ def test_a_match_straddling_token_boundaries_is_not_taken():
     assert NgramProposer(2, 1, 1).propose([256, 0, 5, 1]) == []
     # ... and the search goes on to the aligned occurrence further left
     assert NgramProposer(2, 1, 1).propose([1, 7, 256, 0, 5, 1]) == [7, 256]
+
+
+def test_registry_ngram_proposer_reads_the_request():
+    """The registry's `ngram` method: the config's limits, over request.all_token_ids."""
+    from types import SimpleNamespace
+
+    from engine.config import SpeculativeConfig
+    from engine.spec_decode.registry import build_proposer
+
+    spec = SpeculativeConfig.from_value(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}
+    )
+    proposer = build_proposer(spec, model_config=None)
+    request = SimpleNamespace(all_token_ids=[4, 5, 6, 7, 8, 4, 5])
+    assert proposer.propose(request, 3) == [6, 7, 8]
+    assert proposer.propose(request, 1) == [6]

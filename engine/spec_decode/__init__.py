@@ -1,4 +1,5 @@
-"""Speculative decoding: proposers (n-gram prompt lookup, draft model) and the rejection sampler.
+"""Speculative decoding: proposers (n-gram prompt lookup, suffix decoding, draft model, and
+plug-ins registered by name in registry.py) and the rejection sampler.
 
 A proposer suggests up to k draft tokens per request; the target model scores them all in one
 forward (a multi-token query in the same packed batch as everyone else); the rejection sampler
