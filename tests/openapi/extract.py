@@ -1,6 +1,8 @@
 """Extracts the operations the server implements from OpenAI's OpenAPI description.
 
-    python tests/openapi/extract.py [../shared/openai/openapi.yaml] > tests/openapi/openai_subset.json
+    python tests/openapi/extract.py [SPEC] > tests/openapi/openai_subset.json
+
+(SPEC defaults to ../shared/openai/openapi.yaml next to the repository.)
 
 Keeps `listModels`, `retrieveModel`, `createCompletion` and `createChatCompletion` with every
 component schema they reference (transitively), the servers and the security scheme; the
