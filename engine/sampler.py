@@ -310,17 +310,20 @@ def apply_grammar(
     if not constrained:
         return processed
     device = processed.device
+    every_row = len(constrained) == len(rows)
+    index = None if every_row else torch.tensor(constrained, device=device)
     bitmask = torch.stack([rows[i].grammar_bitmask for i in constrained])  # [b, W]
     allowed = bitmask_to_bool(bitmask.to(device, non_blocking=True), processed.shape[-1])
-    index = torch.tensor(constrained, device=device)
-    values = processed.index_select(0, index).masked_fill(~allowed, _NEG_INF)  # [b, V]
-    dead = torch.isneginf(values).all(dim=-1)  # [b]
+    sub = processed if index is None else processed.index_select(0, index)  # [b, V]
+    values = sub.masked_fill(~allowed, _NEG_INF)  # [b, V]
+    dead = values.amax(dim=-1) == _NEG_INF  # [b]
     if bool(dead.any()):
-        grammar_only = raw.index_select(0, index).masked_fill(~allowed, _NEG_INF)
+        raw_sub = raw if index is None else raw.index_select(0, index)
+        grammar_only = raw_sub.masked_fill(~allowed, _NEG_INF)
         values = torch.where(dead[:, None], grammar_only, values)
-        still_dead = torch.isneginf(values).all(dim=-1)
-        values = torch.where(still_dead[:, None], processed.index_select(0, index), values)
-    return processed.index_copy(0, index, values)
+        still_dead = values.amax(dim=-1) == _NEG_INF
+        values = torch.where(still_dead[:, None], sub, values)
+    return values if index is None else processed.index_copy(0, index, values)
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
