@@ -19,7 +19,8 @@ layers partly do, which shows what the machinery gains when drafts are accepted.
 The "code" workload is real: SmolLM2-135M-Instruct (float32, from
 ~/.cache/engine/bench/smollm2-135m-instruct-f32 or --code-model) asked, through its chat
 template, to rewrite or continue code it is given; its answers repeat much of the prompt, which
-is what n-gram lookup and suffix decoding exploit. It compares none / ngram / suffix.
+is what n-gram lookup and suffix decoding exploit. It compares none / ngram / suffix. Answers end
+at the model's end-of-sequence (at most --code-output-len tokens).
 
     python bench/spec_decode.py                 # SmolLM-135M-shaped target, 4-layer draft,
                                                 # then the SmolLM2 code workload
@@ -143,6 +144,7 @@ def run(
     args: argparse.Namespace,
     spec: dict | None,
     max_model_len: int = 512,
+    ignore_eos: bool = True,
 ):
     llm = LLM(
         str(path),
@@ -151,7 +153,7 @@ def run(
         max_num_seqs=max(len(prompts), 1),
         speculative_config=spec,
     )
-    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=ignore_eos)
     llm.generate(prompts[:1], params.replace(max_tokens=2), use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
@@ -238,7 +240,8 @@ def code_rows(args: argparse.Namespace) -> list[list]:
         prompts = code_prompts(args.code_model, batch)
         baseline_tokens, baseline_s = None, None
         for label, spec in configs:
-            tokens, seconds, stats = run(args.code_model, prompts, coded, spec, max_model_len=1024)
+            # The answer ends at end-of-sequence: what follows it would not be the workload.
+            tokens, seconds, stats = run(args.code_model, prompts, coded, spec, 1024, False)
             if baseline_tokens is None:
                 baseline_tokens, baseline_s = tokens, seconds
             rows.append(

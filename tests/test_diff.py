@@ -156,3 +156,35 @@ def test_layers_plot(llama_path, prompts_file, tmp_path, capsys, monkeypatch):
 def test_layers_bad_sides_are_named(llama_path, capsys):
     code, out = layers(["--model", str(llama_path), "--candidate", "colour=red"], capsys)
     assert code == 2 and "--candidate: 'colour=red'" in out.err
+
+
+@pytest.mark.parametrize(
+    "key", list(__import__("tests.family_checkpoints").family_checkpoints.FAMILY_VARIANTS)
+)
+def test_layers_engine_equals_hf_on_every_family(key, tokenizer, tmp_path_factory, capsys):
+    """The per-family module names line up (Gemma's embedding scale and sandwich norms, Phi-3,
+    MoE blocks): engine float64 vs HF float64, every sub-step at rounding level.
+
+    Two known differences are HF's, not the mapping's: Gemma 2's soft-capped attention runs
+    HF's eager path, whose softmax is float32 even in float64 models (errors ~1e-7); and
+    Phi-3's longrope picks short or long factors by sequence length in HF, by max_model_len in
+    the engine, so prompts stay within original_max_position_embeddings (32) and the engine
+    gets max_model_len 32 (as tests/test_families.py does)."""
+    from tests.family_checkpoints import family_checkpoint
+
+    root = tmp_path_factory.getbasetemp() / "layer-diff-families"
+    path = family_checkpoint(root, key, tokenizer)
+    prompts = tmp_path_factory.mktemp("p") / "prompts.jsonl"
+    lengths = (9, 17, 31)  # across block boundaries and the 8-12 token windows
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt_token_ids": list(range(5, 5 + n))}) for n in lengths)
+    )
+    argv = ["--model", str(path), "--prompts", str(prompts), "--dtype", "float64"]
+    if key.startswith("phi3"):
+        argv += ["--max-model-len", "32"]
+    bound = 1e-5 if key.startswith("gemma2") else 1e-10
+    argv += ["--tolerance", str(bound)]
+    code, out = layers([*argv, "--candidate", "hf", "--json"], capsys)
+    report = json.loads(out.out)
+    assert code == 0, report["first_beyond_tolerance"]
+    assert max(row["max_rel"] for row in report["rows"]) < bound
