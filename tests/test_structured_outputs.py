@@ -400,3 +400,16 @@ def test_speculation_with_grammar_keeps_greedy_output(llama_path, method, tmp_pa
     )
     for out in spec_llm.generate(prompts, sampled, use_tqdm=False):
         assert re.fullmatch("(ab|cd|[0-9])+", out.outputs[0].text)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bitmask_applies_on_cuda_as_on_cpu():
+    logits = torch.randn(3, 1000, dtype=torch.float32)
+    masks = torch.randint(-(2**31), 2**31 - 1, (3, 32), dtype=torch.int32)
+    params = SamplingParams(temperature=0)
+    rows = [SamplingRow(params, 0, 0, grammar_bitmask=masks[i]) for i in range(3)]
+    from engine.sampler import process_logits
+
+    on_cpu = process_logits(logits, rows)
+    on_cuda = process_logits(logits.cuda(), rows)
+    assert on_cuda.device.type == "cuda" and torch.equal(on_cuda.cpu(), on_cpu)
