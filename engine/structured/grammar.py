@@ -210,7 +210,10 @@ class GrammarCompiler:
     ) -> None:
         import llguidance.hf
 
-        eos = [int(t) for t in eos_token_ids] or None
+        eos = [int(t) for t in eos_token_ids]
+        if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
+            eos = [int(tokenizer.eos_token_id)]  # the model names none: the tokenizer's
+        eos = eos or None
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos or ())
         self.ll_tokenizer = llguidance.hf.from_tokenizer(
