@@ -154,3 +154,33 @@ def test_cli_loads_plugins_by_reference_and_names_bad_ones(llama_path):
     assert result.returncode == 2 and "attention_backend must be one of" in result.stderr
     result = run_generate("--model", str(llama_path), env_plugins="no_such_plugin_xyz")
     assert result.returncode == 2 and "ENGINE_PLUGINS" in result.stderr
+
+
+def test_server_cli_selects_plugins_by_name(llama_path):
+    """The server's own flags (`--attention-backend`, `--speculative-config`) select the
+    plug-ins of tests/kit_plugins.py by name; a completion through the running server uses
+    both."""
+    import openai
+
+    from engine import LLMEngine
+    from engine.server.__main__ import build_parser, engine_args_from, server_config_from
+    from engine.server.app import OpenAIServer
+    from engine.server.thread import ServerThread
+    from tests import kit_plugins
+
+    spec = json.dumps({"method": "repeat-last", "num_speculative_tokens": 2})
+    ns = build_parser().parse_args(
+        ["--model", str(llama_path), "--attention-backend", "counting",
+         "--speculative-config", spec, "--port", "0", "--kv-cache-memory-bytes", "16MiB"]
+    )  # fmt: skip
+    engine = LLMEngine(engine_args_from(ns))
+    backend = engine.attention_backend
+    assert isinstance(backend, kit_plugins.CountingBackend)
+    with (
+        ServerThread(OpenAIServer(engine, server_config_from(ns))) as thread,
+        openai.OpenAI(base_url=thread.url + "/v1", api_key="x", max_retries=0) as client,
+    ):
+        model = client.models.list().data[0].id
+        out = client.completions.create(model=model, prompt="hello", max_tokens=6)
+    assert out.usage.completion_tokens == 6 and backend.calls > 0
+    assert engine.get_stats().spec_decode.num_drafts > 0
