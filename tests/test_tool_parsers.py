@@ -205,3 +205,55 @@ def test_plain_text_streams_as_the_same_content(text, cuts):
             got = reassemble(stream(parser, text, cuts))
             if not got.tool_calls:
                 assert got.content == extracted.content
+
+
+# ---- tool_choice required / named: the forced parser --------------------------------------------
+
+
+def test_forced_parser_extracts_required_and_named():
+    from engine.tool_parsers.forced import ForcedToolCallParser
+
+    required = ForcedToolCallParser(None, ids)
+    text = '[{"name": "a", "parameters": {"x": [1, 2]}}, {"name": "b", "parameters": {}}]'
+    assert required.extract(text) == ExtractedToolCalls(
+        None, [ToolCall("a", '{"x": [1, 2]}', "call-0"), ToolCall("b", "{}", "call-1")]
+    )
+    named = ForcedToolCallParser("f", ids)
+    assert named.extract(' \n{"q": 1}\n').tool_calls == [ToolCall("f", '{"q": 1}', "call-0")]
+    deltas = stream(named, ' {"q": 1} ', [1, 3, 9])
+    assert deltas[0]["tool_calls"][0]["function"] == {"name": "f", "arguments": ""}
+    assert reassemble(deltas) == named.extract(' {"q": 1} ')
+
+
+@st.composite
+def required_outputs(draw):
+    parts = draw(st.lists(calls("parameters"), min_size=1, max_size=3))
+    sep = draw(st.sampled_from([",", ", ", "\n,\n"]))
+    s = draw(SPACES)
+    return f"{s}[{s}" + sep.join(body for body, _ in parts) + f"{s}]{s}", [
+        c for _, cs in parts for c in cs
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(output=required_outputs(), cuts=st.lists(st.integers(0, 10**4), max_size=12))
+def test_forced_required_streaming_reassembles_to_extract(output, cuts):
+    from engine.tool_parsers.forced import ForcedToolCallParser
+
+    text, expected = output
+    parser = ForcedToolCallParser(None, ids)
+    extracted = parser.extract(text)
+    assert [(c.name, c.arguments) for c in extracted.tool_calls] == expected
+    assert reassemble(stream(parser, text, cuts)) == extracted
+
+
+@settings(max_examples=100, deadline=None)
+@given(args=JSON_VALUES, spaces=st.tuples(SPACES, SPACES), cuts=st.lists(st.integers(0, 999)))
+def test_forced_named_streaming_reassembles_to_extract(args, spaces, cuts):
+    from engine.tool_parsers.forced import ForcedToolCallParser
+
+    text = spaces[0] + json.dumps({"v": args}, indent=2) + spaces[1]
+    parser = ForcedToolCallParser("fn", ids)
+    extracted = parser.extract(text)
+    assert extracted.tool_calls[0].arguments == text.strip()
+    assert reassemble(stream(parser, text, cuts)) == extracted

@@ -27,6 +27,7 @@ from typing import Any
 
 from engine.structured.params import StructuredOutputsParams
 from engine.tool_parsers.base import ToolCall, random_tool_call_id
+from engine.tool_parsers.forced import ForcedToolCallParser
 
 GUIDED_FIELDS = {
     "guided_json": "json",
@@ -192,24 +193,34 @@ def tool_choice_structured_outputs(tools: Any, tool_choice: Any) -> StructuredOu
         raise _renamed(exc, "tools") from None
 
 
+def forced_tool_call_parser(
+    tool_choice: Any, make_id: Callable[[int], str] = random_tool_call_id
+) -> ForcedToolCallParser | None:
+    """The parser (extract / streaming) of output generated under tool_choice required or a
+    named function; None for none / auto / absent (use the --tool-call-parser for auto)."""
+    if tool_choice in (None, "none", "auto"):
+        return None
+    return ForcedToolCallParser(named_tool_choice(tool_choice), make_id)
+
+
 def parse_forced_tool_calls(
     text: str,
     tool_choice: Any,
     make_id: Callable[[int], str] = random_tool_call_id,
 ) -> list[ToolCall]:
-    """The tool calls of output generated under tool_choice_structured_outputs. ValueError if
-    the text is not what the grammar allows (e.g. cut short by max_tokens)."""
-    name = named_tool_choice(tool_choice)
-    if name is not None:
-        json.loads(text)  # the arguments must be complete JSON
-        return [ToolCall(name, text.strip(), make_id(0))]
-    calls = json.loads(text)
-    if not isinstance(calls, list):
-        raise ValueError("tool calls: expected a JSON array")
-    return [
-        ToolCall(call["name"], json.dumps(call["parameters"], ensure_ascii=False), make_id(i))
-        for i, call in enumerate(calls)
-    ]
+    """The tool calls of complete output generated under tool_choice_structured_outputs.
+    ValueError if the text is not what the grammar allows (e.g. cut short by max_tokens)."""
+    parser = forced_tool_call_parser(tool_choice, make_id)
+    if parser is None:
+        raise ValueError(f"tool_choice {tool_choice!r} does not force tool calls")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"tool calls: the output is not complete JSON: {exc}") from None
+    calls = parser.extract(text).tool_calls
+    if parser.function_name is None and (not isinstance(value, list) or len(value) != len(calls)):
+        raise ValueError("tool calls: expected a JSON array of {name, parameters} objects")
+    return calls
 
 
 def structured_outputs_for_chat(body: Mapping[str, Any]) -> StructuredOutputsParams | None:
