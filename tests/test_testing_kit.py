@@ -105,3 +105,24 @@ def test_pytest_plugin_fixtures(check_batch_invariance, engine_repro_dir):
     with pytest.raises(KitFailure) as info:
         check_batch_invariance(batch_mean_processor, max_examples=10)
     assert info.value.reproducer.parent == engine_repro_dir
+
+
+def test_pytest_plugin_from_the_command_line(tmp_path):
+    """`pytest -p engine.testing.pytest_plugin` on a user's test file: the fixture fails a
+    broken backend, and the failure names the reproducer written to --engine-repro-dir."""
+    test_file = tmp_path / "test_user_backend.py"
+    test_file.write_text(
+        "from tests.kit_plugins import BrokenBackend\n\n\n"
+        "def test_backend(check_attention_backend):\n"
+        "    check_attention_backend(BrokenBackend, max_examples=30)\n"
+    )
+    repro = tmp_path / "repro"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "engine.testing.pytest_plugin",
+         "--engine-repro-dir", str(repro), "-p", "no:cacheprovider", str(test_file)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    scripts = list(repro.glob("attention-*.py"))
+    assert len(scripts) == 1 and f"reproducer: {scripts[0]}" in result.stdout
