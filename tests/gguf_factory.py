@@ -24,6 +24,11 @@ _LAYER = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.q_norm.weight": "attn_q_norm.weight",
+    "self_attn.k_norm.weight": "attn_k_norm.weight",
 }
 # f16 scale fields of the k-quant blocks: (block bytes, [(byte offset, magnitude)])
 _K_BLOCKS = {
@@ -104,11 +109,15 @@ def write_gguf(
     writer.add_rope_dimension_count(head_dim)
     if cfg.eos_token_id is not None:
         writer.add_eos_token_id(int(cfg.eos_token_id))
+    if architecture == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    permute = architecture == "llama"  # llama.cpp permutes only Llama's q/k rows
     for i, (name, t) in enumerate(sorted(tensors.items())):
         w = t.to(torch.float32).numpy()
-        if name.endswith("q_proj.weight"):
+        if permute and name.endswith("q_proj.weight"):
             w = permute_rows(w, cfg.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
+        elif permute and name.endswith("k_proj.weight"):
             w = permute_rows(w, cfg.num_key_value_heads)
         qtype = type_for(name) if w.ndim == 2 else "F32"
         data, raw_dtype = encode(w, qtype, seed=i)

@@ -110,6 +110,25 @@ def test_gguf_float64_equals_hf_token_for_token(gguf_model):
     assert len({t for seq in ours for t in seq}) > 5
 
 
+@pytest.mark.parametrize(
+    ("gguf_arch", "hf_arch", "overrides"),
+    [("qwen2", "Qwen2ForCausalLM", {}), ("qwen3", "Qwen3ForCausalLM", {"head_dim": 128})],
+)
+def test_gguf_qwen_float64_equals_hf(gguf_arch, hf_arch, overrides, checkpoints, tmp_path):
+    """Qwen2 (q/k/v biases) and Qwen3 (q/k norms): no row permutation in llama.cpp's files.
+    (Qwen3 at head_dim 128, every published size's: transformers' GGUF config does not read
+    attention.key_length, so another head_dim would not load in HF either.)"""
+    from transformers import AutoModelForCausalLM
+
+    src = checkpoints(f"gguf-src-{gguf_arch}", hf_arch, **DIMS, **overrides)
+    path = write_gguf(src, tmp_path / f"{gguf_arch}.gguf", lambda n: "Q8_0", gguf_arch)
+    llm = LLM(str(path), tokenizer=str(src), dtype="float64", kv_cache_memory_bytes=2**22)
+    assert llm.llm_engine.model_config.architecture == hf_arch
+    prompts = make_prompts(llm.llm_engine.model_config.vocab_size)[:3]
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float64)
+    assert _engine_generate(llm, prompts) == _hf_generate(hf, prompts)
+
+
 def test_gguf_float32_dequantized_is_close_to_hf(gguf_model):
     """The suite's float32 rule (tests/test_hf_equivalence.py): token for token up to the first
     divergence, where each side's token is in the other's top 5 with a tiny logprob gap."""
