@@ -47,6 +47,8 @@ def server(llama_path):
         "max_connections": 6,
         "trust_request_chat_template": True,
         "chat_template_timeout": 1.0,
+        "max_request_body_bytes": 2**20,
+        "request_body_timeout": 1.0,
     }
     with make_server(llama_path, **config) as thread:
         yield thread
@@ -155,6 +157,49 @@ def test_connections_beyond_the_cap_get_503(server):
             sock.close()
     wait_until(lambda: guard.num_open == 0)
     assert_serves(server.url)
+
+
+def test_body_too_large_is_413_json(server):
+    body = {"model": MODEL, "prompt": "a" * (2**20 + 10)}
+    status, headers, raw = call("POST", server.url + "/v1/completions", body)
+    assert status == 413 and headers["Content-Type"].startswith("application/json")
+    error = json.loads(raw)["error"]
+    assert error["code"] == 413 and "--max-request-body-bytes" in error["message"]
+    assert_serves(server.url)
+
+
+def test_body_that_does_not_arrive_is_408(server):
+    with socket.create_connection(address(server.url), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"prompt": "'  # and then nothing more
+        )
+        start = time.monotonic()
+        reply = sock.recv(4096)
+        elapsed = time.monotonic() - start
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["code"] == 408
+    assert 0.5 < elapsed < 5
+    assert_serves(server.url)
+
+
+def test_socket_error_logs_are_rate_limited():
+    import logging
+
+    from engine.server.connections import RateLimitFilter
+
+    limiter = RateLimitFilter(interval=60.0)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)
+
+    passed = [limiter.filter(record("socket.accept() out of system resource")) for _ in range(1000)]
+    assert passed.count(True) == 1  # one line, not a thousand tracebacks
+    assert limiter.filter(record("another message"))  # other messages are not held back
+    limiter._seen[("asyncio", "socket.accept() out of system resource")] = (-1e9, 999)
+    later = record("socket.accept() out of system resource")
+    assert limiter.filter(later) and "999 similar messages dropped" in later.getMessage()
 
 
 def test_request_chat_template_is_bounded_and_off_the_event_loop(server):
