@@ -229,6 +229,17 @@ def test_request_chat_template_is_bounded_and_off_the_event_loop(server):
     assert_serves(server.url)
 
 
+def test_prestarted_worker_renders_at_once(llama_path):
+    with make_server(llama_path, prestart_chat_template_worker=True) as thread:
+        renderer = thread.server.inputs.renderer
+        wait_until(lambda: any(w._ready for w in list(renderer._all)), timeout=60)
+        start = time.monotonic()
+        status, _, raw = call("POST", thread.url + "/tokenize", {"messages": MESSAGES})
+        assert status == 200 and json.loads(raw)["count"] > 0
+        assert time.monotonic() - start < 0.5  # no worker start on the request's path
+        assert len(renderer._all) == 1  # the started worker was reused
+
+
 def test_tokenizing_runs_off_the_event_loop(server, monkeypatch):
     tokenizer = server.server.inputs.tokenizer
     real_encode = tokenizer.encode
@@ -304,5 +315,7 @@ def test_limit_flags_map_onto_server_config(llama_path):
     assert ns.quantization == "int8" and "quantization" in cli.ENGINE_FLAGS
     defaults = cli.server_config_from(cli.build_parser().parse_args([]))
     assert defaults == ServerConfig(
-        served_model_names=(cli.DEMO_MODEL_NAME,), api_key=defaults.api_key
+        served_model_names=(cli.DEMO_MODEL_NAME,),
+        api_key=defaults.api_key,
+        prestart_chat_template_worker=True,
     )

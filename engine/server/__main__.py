@@ -267,6 +267,7 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
         request_header_timeout=ns.request_header_timeout or None,
         request_body_timeout=ns.request_body_timeout or None,
         timeout_keep_alive=ns.timeout_keep_alive,
+        prestart_chat_template_worker=True,
     )
 
 

@@ -84,6 +84,7 @@ class ServerConfig:
     trust_request_chat_template: bool = False  # vLLM's --trust-request-chat-template
     chat_template_timeout: float = 5.0
     chat_template_workers: int = 2
+    prestart_chat_template_worker: bool = False  # at start-up (the CLI does; tests need not)
     # Connections.
     max_connections: int | None = 1000
     request_header_timeout: float | None = 10.0
@@ -397,6 +398,8 @@ class OpenAIServer:
         """Starts the engine thread and serves on `sock` (bound, not yet listening)."""
         install_log_rate_limits()
         self.async_engine.start()
+        if self.config.prestart_chat_template_worker:
+            self.inputs.prestart()
         runner = web.AppRunner(
             self.make_app(),
             handler_cancellation=True,  # a client that goes away cancels (and aborts) its request

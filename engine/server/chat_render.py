@@ -134,11 +134,14 @@ class _Worker:
         )
         self._ready = False
 
-    def call(self, request: dict[str, Any], timeout: float, start_timeout: float) -> Any:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+    def wait_ready(self, start_timeout: float) -> None:
         if not self._ready:
             self._read(time.monotonic() + start_timeout)  # {"ready": true} once loaded
             self._ready = True
+
+    def call(self, request: dict[str, Any], timeout: float, start_timeout: float) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.wait_ready(start_timeout)
         data = json.dumps(request, ensure_ascii=False).encode("utf-8", "surrogatepass")
         self.proc.stdin.write(_HEADER.pack(len(data)) + data)
         self.proc.stdin.flush()
@@ -250,6 +253,21 @@ class ChatTemplateRenderer:
         if "error" in reply:
             raise ChatTemplateError(str(reply["error"]))
         return str(reply["text"])
+
+    def prestart(self) -> None:
+        """Starts one worker and waits until it is ready (blocking), so the first chat request
+        does not pay for the start; a worker that fails to start is dropped."""
+        worker = self._free.get()
+        try:
+            if worker is None and not self._closed:
+                worker = self._spawn()
+                try:
+                    worker.wait_ready(self.start_timeout_s)
+                except (TimeoutError, EOFError, OSError, ValueError):
+                    self._discard(worker)
+                    worker = None
+        finally:
+            self._free.put(worker)
 
     def close(self) -> None:
         """Kills every worker (idempotent); later renders fail."""

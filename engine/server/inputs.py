@@ -57,6 +57,11 @@ class InputProcessor:
             num_workers=template_workers, timeout_s=template_timeout_s
         )
 
+    def prestart(self) -> None:
+        """Starts a chat-template worker in the background (the first chat request then does
+        not wait for it)."""
+        self._render_threads.submit(self.renderer.prestart)
+
     def close(self) -> None:
         self.renderer.close()
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
