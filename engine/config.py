@@ -245,6 +245,9 @@ class EngineArgs:
     # Weight-only quantization applied at load time (vLLM's --quantization): "int8", "int4",
     # "gguf", "none", or None for the checkpoint's own format (see engine/quantization).
     quantization: str | None = None
+    # vLLM's custom logits processors: 'package.module:Class' references or classes, each built
+    # once per engine (engine/logits_process.py); checked to load here.
+    logits_processors: Any = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -276,6 +279,10 @@ class EngineArgs:
         if spec is not None and self.scheduler == "reference":
             raise ValueError("speculative_config: the reference scheduler does not speculate")
         object.__setattr__(self, "speculative_config", spec)
+        from engine.logits_process import validate_logits_processors
+
+        processors = validate_logits_processors(self.logits_processors)
+        object.__setattr__(self, "logits_processors", processors)
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

@@ -32,6 +32,7 @@ from engine.kv_cache import (
     create_cache_config,
     needs_memory_profile,
 )
+from engine.logits_process import EngineConfigView, LogitsProcessors
 from engine.logprobs import TokenTexts
 from engine.models.loader import load_model
 from engine.reference.scheduler import ReferenceScheduler
@@ -133,8 +134,17 @@ class LLMEngine:
             args, self.model_config, draft_config, profiled_bytes
         )
         kv_caches = allocate_kv_cache(self.model_config, self.cache_config)
+        processors = LogitsProcessors.build(
+            args.logits_processors,
+            EngineConfigView(self.model_config, self.scheduler_config, args),
+            self.model_config.device,
+        )
         self.runner = ModelRunner(
-            self.model, kv_caches, self.cache_config.block_size, self.model_config.device
+            self.model,
+            kv_caches,
+            self.cache_config.block_size,
+            self.model_config.device,
+            processors,
         )
         if self.speculator is not None:
             self.speculator.init_kv_cache(self.cache_config)
@@ -217,6 +227,8 @@ class LLMEngine:
         if request_id in self._groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params.validate_for_model(self.model_config.vocab_size, self.model_config.max_logprobs)
+        if self.runner.logits_processors is not None:  # their validate_params (extra_args)
+            self.runner.logits_processors.validate_params(params)
         bad_words_token_ids = tokenize_bad_words(params.bad_words, self.tokenizer)
         text, token_ids = self.tokenize_prompt(prompt)
         self._check_fits_kv_cache(len(token_ids), params)

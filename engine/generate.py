@@ -3,8 +3,10 @@
 With no --model it runs the embedded demo model (random weights: the text is noise, the
 machinery is real). Engine flags use vLLM's names. `--attention-backend` and the
 `--speculative-config` method take registered plug-in names (modules listed in $ENGINE_PLUGINS
-are imported first) or `package.module:Factory` references. The backend in use, and with
-speculation the drafts and acceptance, are logged to stderr.
+are imported first) or `package.module:Factory` references. `--logits-processors` takes
+`package.module:Class` references of custom logits processors (engine/logits_process.py), and
+`--extra-args` the JSON object every prompt's `SamplingParams.extra_args` gets. The backend in
+use, and with speculation the drafts and acceptance, are logged to stderr.
 """
 
 from __future__ import annotations
@@ -41,6 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='JSON, e.g. \'{"method": "suffix", "num_speculative_tokens": 4}\'',
     )
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, gguf or none")
+    p.add_argument(
+        "--logits-processors",
+        nargs="+",
+        default=None,
+        help="custom logits processors, each pkg.module:Class",
+    )
+    p.add_argument(
+        "--extra-args",
+        default=None,
+        help="JSON object for SamplingParams.extra_args (logits processors), e.g. '{\"ban\": 7}'",
+    )
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -64,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             attention_backend=args.attention_backend,
             speculative_config=args.speculative_config,
             quantization=args.quantization,
+            logits_processors=args.logits_processors,
         )
         engine = llm.llm_engine
         backend = getattr(engine.attention_backend, "name", type(engine.attention_backend).__name__)
@@ -73,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             top_k=args.top_k,
             max_tokens=args.max_tokens,
+            extra_args=_json_object("extra_args", args.extra_args),
         )
         if args.chat:
             conversations = [[{"role": "user", "content": p}] for p in prompts]
@@ -104,6 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"--- prompt: {prompt!r}\n{completion.text!r} ({completion.finish_reason})")
     return 0
+
+
+def _json_object(name: str, text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
+    return value
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ computing positions [start, end) yields the entries of tokens start + 1 ... min(
 (P prompt tokens; token 0 has none). A chunk may only start where the recorded entries end
 (`Request.add_prompt_logprobs` checks it); a recompute after preemption skips the tokens that
 already have entries.
+
+Custom logits processors (engine/logits_process.py): every step the runner tells them the step's
+batch (the plain sampling rows, each carrying its request id, then the verification rows) before
+the sampler and the verifier apply them.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import torch
 from engine.attention import AttentionMetadata, pack_sequences
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import LayerKVCache, allocate_kv_cache
+from engine.logits_process import LogitsProcessors
 from engine.logprobs import logprob_entries
 from engine.request import PromptLogprobs
 from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler.interface import SampledToken, ScheduledRequest, SchedulerOutput
-from engine.spec_decode.verifier import VerifyItem, verify
+from engine.spec_decode.verifier import VerifyItem, verify, verify_rows
 
 # Prompt-logprob logits are computed this many positions at a time, so that a long prompt chunk
 # never holds a [chunk, vocab] tensor at once.
@@ -126,6 +131,7 @@ def prepare_inputs(
                     eos_token_ids=request.eos_token_ids,
                     bad_words_token_ids=request.bad_words_token_ids,
                     penalty_counts=request.penalty_counts,
+                    request_id=request.request_id,
                 )
             )
         first_row += item.num_new_tokens
@@ -156,25 +162,36 @@ class ModelRunner:
         kv_caches: list[LayerKVCache],
         block_size: int,
         device: torch.device,
+        logits_processors: LogitsProcessors | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler()
+        self.logits_processors = logits_processors
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         inputs = prepare_inputs(output.scheduled, self.block_size, self.device)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         sampled: dict[str, SampledToken | list[SampledToken]] = {}
+        spec_rows = [row for item in inputs.verify_items for row in verify_rows(item)]
+        step = None
+        if self.logits_processors is not None:  # the step's batch: [S plain rows, R spec rows]
+            step = self.logits_processors.begin_step([*inputs.sampling_rows, *spec_rows])
         if inputs.sampling_rows:
             logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [S, V]
-            samples = self.sampler(logits, inputs.sampling_rows)
+            self.sampler.step_processors = step
+            try:
+                samples = self.sampler(logits, inputs.sampling_rows)
+            finally:
+                self.sampler.step_processors = None
             sampled.update(zip(inputs.sampling_request_ids, samples, strict=True))
         if inputs.verify_items:
             logits = self.model.compute_logits(hidden[inputs.verify_logits_indices])  # [R, V]
-            emitted = verify(logits, inputs.verify_items)
+            offset = len(inputs.sampling_rows)
+            emitted = verify(logits, inputs.verify_items, step, offset, spec_rows)
             sampled.update(
                 (item.request.request_id, tokens)
                 for item, tokens in zip(inputs.verify_items, emitted, strict=True)

@@ -9,6 +9,8 @@ Order of operations, vectorised over the batch with each row's own parameters (v
 4. min_tokens: end-of-sequence (unless ignore_eos) and stop_token_ids -> -inf while fewer than
    min_tokens tokens have been generated.
 5. logit_bias: added to the listed tokens' logits.
+5b. custom logits processors that are not argmax-invariant (engine/logits_process.py, vLLM's
+   `--logits-processors`), in the order given, on the step's whole batch.
 6. penalties: repetition_penalty (tokens in prompt or output: positive logits / p, negative
    logits * p), then frequency_penalty * count and presence_penalty * [count > 0] (counts over
    the output only) subtracted.
@@ -18,12 +20,14 @@ Order of operations, vectorised over the batch with each row's own parameters (v
 7. temperature: rows with temperature 0 are greedy: argmax of the logits after step 6b, and
    steps 8-10 do not apply to them.
 8. min_p: tokens with probability below min_p * (the top probability) -> -inf.
+8b. custom argmax-invariant logits processors, on the rows that sample only (vLLM's order: greedy
+   rows take their argmax before them).
 9. top-k, then top-p over what top-k kept (both keep every token tied with the last one kept).
 10. the draw: argmax(probs / E) with E ~ Exponential(1) i.i.d. per token, which picks token i
     with probability probs[i] (the exponential race). `draw_tokens` finds the top-p set's winner
     without sorting the vocabulary (see there); `sampling_distribution` gives the probabilities.
 
-If steps 2-5 leave a row with no token at all (e.g. allowed_token_ids that are all bad words),
+If steps 2-5b leave a row with no token at all (e.g. allowed_token_ids that are all bad words),
 that row falls back to its raw logits rather than sampling from nothing. The grammar outranks
 them: if the grammar mask leaves nothing of the processed row (say min_tokens bans the end of
 sequence that a complete JSON value requires), the row is the raw logits with the grammar mask
@@ -38,8 +42,9 @@ preemption recomputes it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,6 +53,12 @@ from engine.penalties import PenaltyCounts, add_counts, penalties_enabled
 from engine.sampling_params import SamplingParams
 from engine.scheduler.interface import SampledToken
 from engine.structured.grammar import bitmask_to_bool
+
+if TYPE_CHECKING:
+    from engine.logits_process import StepProcessors
+
+# A step applied to a sub-batch of logits [b, V] -> [b, V] (custom argmax-invariant processors).
+LogitsHook = Callable[[torch.Tensor], torch.Tensor]
 
 _MASK64 = (1 << 64) - 1
 _NEG_INF = float("-inf")
@@ -89,6 +100,8 @@ class SamplingRow:
     # Structured outputs: [ceil(V / 32)] int32, bit t % 32 of word t // 32 set when token t may
     # come next (the request's grammar state after the output so far, drafts included).
     grammar_bitmask: torch.Tensor | None = None
+    # The request this row samples for: custom logits processors track the batch by it.
+    request_id: str | None = None
 
     def output_tail(self, n: int) -> list[int] | None:
         """The last n tokens of the output so far (drafts included); None if it is shorter."""
@@ -326,12 +339,20 @@ def apply_grammar(
     return values if index is None else processed.index_copy(0, index, values)
 
 
-def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Steps 2-6b of the module docstring: [B, V] raw logits -> [B, V] processed logits."""
+def process_logits(
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    processors: StepProcessors | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Steps 2-6b of the module docstring: [B, V] raw logits -> [B, V] processed logits. The rows
+    are rows offset .. offset + B - 1 of the step's batch of custom `processors`."""
     processed = apply_allowed_token_ids(logits, rows)
     processed = apply_bad_words(processed, rows)
     processed = apply_min_tokens(processed, rows)
     processed = apply_logit_bias(processed, rows)
+    if processors is not None:
+        processed = processors.apply_non_argmax_invariant(processed, offset)
     if processed is not logits:  # something was excluded: is anything left?
         dead = torch.isneginf(processed).all(dim=-1)  # [B]
         if bool(dead.any()):
@@ -340,10 +361,14 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
 
 
 def truncated_logits(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], with_top_p: bool = True
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    with_top_p: bool = True,
+    after_min_p: LogitsHook | None = None,
 ) -> torch.Tensor:
     """Steps 7-9 for non-greedy rows: processed logits [B, V] -> temperature-scaled logits [B, V]
-    with the tokens min-p, top-k and (if with_top_p) top-p exclude at -inf."""
+    with the tokens min-p, top-k and (if with_top_p) top-p exclude at -inf. `after_min_p` is
+    step 8b (the custom argmax-invariant processors of these rows)."""
     device, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
     temperatures = [r.params.temperature for r in rows]
     scaled = logits
@@ -352,6 +377,8 @@ def truncated_logits(
     min_p = [r.params.min_p for r in rows]
     if any(min_p):
         scaled = apply_min_p(scaled, torch.tensor(min_p, dtype=dtype, device=device))
+    if after_min_p is not None:
+        scaled = after_min_p(scaled)
     top_k = [vocab if r.params.top_k == -1 else min(r.params.top_k, vocab) for r in rows]
     top_p = [r.params.top_p if with_top_p else 1.0 for r in rows]
     if any(k < vocab for k in top_k) or any(p < 1.0 for p in top_p):
@@ -363,9 +390,11 @@ def truncated_logits(
     return scaled
 
 
-def sampling_distribution(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+def sampling_distribution(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], after_min_p: LogitsHook | None = None
+) -> torch.Tensor:
     """Steps 7-9 for non-greedy rows: processed logits [B, V] -> probabilities [B, V]."""
-    return truncated_logits(logits, rows).softmax(dim=-1)
+    return truncated_logits(logits, rows, after_min_p=after_min_p).softmax(dim=-1)
 
 
 # Rounds of the top-p race in draw_tokens before a row falls back to sorting.
@@ -377,6 +406,7 @@ def draw_tokens(
     rows: Sequence[SamplingRow],
     noise: torch.Tensor,  # [B, V] exponential_noise of the rows
     race_rounds: int = TOP_P_RACE_ROUNDS,
+    after_min_p: LogitsHook | None = None,
 ) -> torch.Tensor:  # [B] int64
     """Steps 7-10: the token argmax(probs / noise) over the min-p / top-k / top-p set.
 
@@ -387,7 +417,7 @@ def draw_tokens(
     noise. That picks the very token masking first would pick, usually in one round; a row still
     unresolved after `race_rounds` rounds is masked by apply_top_k_top_p.
     """
-    scaled = truncated_logits(logits, rows, with_top_p=False)  # [B, V]
+    scaled = truncated_logits(logits, rows, with_top_p=False, after_min_p=after_min_p)  # [B, V]
     probs = scaled.softmax(dim=-1)
     score = probs / noise  # [B, V]
     tokens = score.argmax(dim=-1)  # [B]
@@ -420,7 +450,21 @@ def _take(tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
     return tensor if index == list(range(tensor.shape[0])) else tensor[index]
 
 
+def argmax_invariant_hook(
+    processors: StepProcessors | None, offset: int, rows: list[int]
+) -> LogitsHook | None:
+    """Step 8b for the sub-batch `rows` (indices among the caller's rows, which are rows
+    offset ... of the processors' batch)."""
+    if processors is None or not processors.owner.argmax_invariant:
+        return None
+    return lambda scaled: processors.apply_argmax_invariant(scaled, offset, rows)
+
+
 class Sampler:
+    # The step's custom logits processors (engine/logits_process.py), set by the runner before
+    # a call; the sampler's rows are the first rows of their batch.
+    step_processors: StepProcessors | None = None
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[SampledToken]:
         """logits: [B, V], one row per entry of rows."""
         if logits.dtype not in (torch.float32, torch.float64):
@@ -433,7 +477,8 @@ class Sampler:
         if with_logprobs:
             log_total[with_logprobs] = _take(logits, with_logprobs).logsumexp(dim=-1)  # [b]
 
-        processed = process_logits(logits, rows)
+        processors = self.step_processors
+        processed = process_logits(logits, rows, processors)
         tokens = torch.zeros(len(rows), dtype=torch.int64, device=device)  # [B]
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         if greedy:
@@ -442,7 +487,10 @@ class Sampler:
         if sampled:
             sub_rows = [rows[i] for i in sampled]
             noise = exponential_noise(sub_rows, vocab, logits.dtype).to(device)  # [b, V]
-            tokens[sampled] = draw_tokens(_take(processed, sampled), sub_rows, noise)
+            hook = argmax_invariant_hook(processors, 0, sampled)
+            tokens[sampled] = draw_tokens(
+                _take(processed, sampled), sub_rows, noise, after_min_p=hook
+            )
 
         token_logprobs = (logits.gather(1, tokens[:, None])[:, 0] - log_total).tolist()  # [B]
         tokens_list = tokens.tolist()

@@ -15,8 +15,10 @@ rejected); `min_tokens <= max_tokens`. The order in which the sampler applies th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +73,68 @@ class LogitBias(Mapping[int, float]):
         return f"LogitBias({self._items!r})"
 
 
+class ExtraArgs(Mapping[str, Any]):
+    """A read-only, hashable copy of `SamplingParams.extra_args`: a dict whose keys are strings
+    and whose values are JSON values (None, bool, int, finite float, str, lists and dicts of
+    them). Hashes by its canonical JSON text. Nested values are copies: changing one does not
+    change the request's arguments (`to_dict()` gives a fresh deep copy)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any]) -> None:
+        if not isinstance(items, Mapping):
+            raise ValueError(f"extra_args must be a dict with string keys, got {items!r}")
+        _check_json("extra_args", items)
+        self._items = copy.deepcopy(dict(items))
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self._items, sort_keys=True))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ExtraArgs):
+            return self._items == other._items
+        return isinstance(other, Mapping) and self._items == dict(other)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._items)
+
+    def __repr__(self) -> str:
+        return f"ExtraArgs({self._items!r})"
+
+
+def _check_json(path: str, value: Any) -> None:
+    """ValueError naming the path (extra_args.a[0].b) of the first value JSON cannot hold."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{path} must be a finite number, got {value}")
+        return
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{path}: keys must be strings, got {key!r}")
+            _check_json(f"{path}.{key}", item)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_json(f"{path}[{i}]", item)
+        return
+    raise ValueError(
+        f"{path} must be a JSON value (null, bool, number, string, list, dict), "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Per-request sampling and stopping controls (vLLM's names and defaults).
@@ -114,6 +178,9 @@ class SamplingParams:
         (`StructuredOutputsParams`, or a dict of its fields, vLLM's names). The grammar's mask is
         applied after the logits processors and before temperature; logprobs stay the raw ones.
         A request whose grammar is complete and that emits end-of-sequence finishes with "stop".
+    extra_args: per-request arguments for custom logits processors (vLLM's `extra_args`; the
+        server fills it from the request's `vllm_xargs`): a JSON-like dict with string keys,
+        kept as a read-only `ExtraArgs` mapping (a deep copy). The engine ignores it otherwise.
     """
 
     n: int = 1
@@ -140,6 +207,7 @@ class SamplingParams:
     bad_words: tuple[str, ...] | None = None  # input: a list of str
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     structured_outputs: StructuredOutputsParams | None = None  # input: also a dict of its fields
+    extra_args: ExtraArgs | None = None  # input: a dict with str keys and JSON-like values
 
     def __post_init__(self) -> None:
         _check_int("n", self.n, minimum=1)
@@ -202,6 +270,8 @@ class SamplingParams:
         if self.structured_outputs is not None:
             structured = StructuredOutputsParams.from_dict(self.structured_outputs)
             object.__setattr__(self, "structured_outputs", structured)
+        if self.extra_args is not None and not isinstance(self.extra_args, ExtraArgs):
+            object.__setattr__(self, "extra_args", ExtraArgs(self.extra_args))
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,10 @@ engine's update path then consumes what was accepted). A draft the grammar forbi
 probability 0 after the mask, so the rejection sampler rejects it (greedy or not); the rows after
 it are never used and repeat its mask.
 
+Custom logits processors (engine/logits_process.py) see the m + 1 rows as rows of their batch
+(after the step's plain sampling rows), row j's output being the request's output followed by
+d_1..d_j; a verification row is new to them in every step.
+
 Randomness is seeded per (request seed, output position) like the sampler's: the bonus or
 resampled token at output position t uses the same exponential noise a non-speculative step at t
 would, and the accept test draws its uniform from a separate stream.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +33,7 @@ from engine.logprobs import logprob_entries
 from engine.request import Request
 from engine.sampler import (
     SamplingRow,
+    argmax_invariant_hook,
     exponential_noise,
     position_seed,
     process_logits,
@@ -37,6 +43,9 @@ from engine.sampler import (
 from engine.scheduler.interface import SampledToken
 from engine.spec_decode.rejection_sampler import rejection_sample
 from engine.structured.grammar import bitmask_allows
+
+if TYPE_CHECKING:
+    from engine.logits_process import StepProcessors
 
 _ACCEPT_SEED_SALT = 0xACC3_97ED
 
@@ -89,6 +98,7 @@ def verify_rows(item: VerifyItem) -> list[SamplingRow]:
             draft_token_ids=item.draft_token_ids[:j],
             penalty_counts=request.penalty_counts,
             grammar_bitmask=bitmasks[j],
+            request_id=request.request_id,
         )
         for j in range(len(item.draft_token_ids) + 1)
     ]
@@ -105,19 +115,32 @@ def accept_uniforms(items: Sequence[VerifyItem], k: int, dtype: torch.dtype) -> 
     return uniforms[:, :k]
 
 
-def verify(logits: torch.Tensor, items: Sequence[VerifyItem]) -> list[list[SampledToken]]:
+def verify(
+    logits: torch.Tensor,
+    items: Sequence[VerifyItem],
+    processors: StepProcessors | None = None,
+    offset: int = 0,
+    rows: Sequence[SamplingRow] | None = None,
+) -> list[list[SampledToken]]:
     """logits: [sum(m_i + 1), V], each item's m_i + 1 rows in order. Returns, per item, the
-    tokens it emits (1 .. m_i + 1), each with its raw logprob (and top-N when asked)."""
+    tokens it emits (1 .. m_i + 1), each with its raw logprob (and top-N when asked).
+    `rows`: the items' verify_rows when the caller built them already; they are rows offset ...
+    of the step's batch of custom `processors`."""
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     device, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
-    rows = [row for item in items for row in verify_rows(item)]
+    if rows is None:
+        rows = [row for item in items for row in verify_rows(item)]
     raw_logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
-    processed = process_logits(logits, rows)  # [R, V]
+    processed = process_logits(logits, rows, processors, offset)  # [R, V]
     probs = torch.nn.functional.one_hot(processed.argmax(dim=-1), vocab).to(dtype)  # greedy
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
-        probs[sampled] = sampling_distribution(processed[sampled], [rows[i] for i in sampled])
+        probs[sampled] = sampling_distribution(
+            processed[sampled],
+            [rows[i] for i in sampled],
+            after_min_p=argmax_invariant_hook(processors, offset, sampled),
+        )
     noise_rows = exponential_noise(rows, vocab, dtype).to(device)  # [R, V]
 
     k = max(len(item.draft_token_ids) for item in items)
