@@ -1,10 +1,12 @@
 """Custom logits processors: vLLM v1's batch-level interface.
 
-A processor is a class built once per engine as `Class(config, device, is_pin_memory)` (vLLM's
-constructor signature; `config` is an `EngineConfigView` with `model_config`, `scheduler_config`
-and `engine_args`). Every step it is told how the batch changed (`update_state(BatchUpdate |
-None)`, None when nothing changed) and then transforms the batch's logits (`apply(logits [B, V])
--> [B, V]`), row i belonging to the request it was told sits at index i. Per-request arguments
+A processor is a class, named `package.module:Class` (or vLLM's `package.module.Class`; modules
+in $ENGINE_PLUGINS are imported first) or given as the class itself, built once per engine as
+`Class(config, device, is_pin_memory)` (vLLM's constructor signature; `config` is an
+`EngineConfigView` with `model_config`, `scheduler_config` and `engine_args`). Every step it
+is told how the batch changed (`update_state(BatchUpdate | None)`, None when nothing changed) and
+then transforms the batch's logits (`apply(logits [B, V]) -> [B, V]`), row i belonging to the
+request it was told sits at index i. Per-request arguments
 come in `SamplingParams.extra_args` (the server fills it from the request's `vllm_xargs`).
 
 Where they run (engine/sampler.py, vLLM's order): a processor that is not argmax-invariant runs
@@ -130,6 +132,9 @@ def validate_logits_processors(value: Any) -> tuple[str | type, ...] | None:
 def resolve_processor_class(entry: str | type) -> type:
     if isinstance(entry, str):
         load_plugin_modules()
+        if not is_reference(entry) and "." in entry:  # vLLM's form: package.module.Class
+            module, _, attr = entry.rpartition(".")
+            entry = f"{module}:{attr}"
         if not is_reference(entry):
             raise ValueError(f"{FIELD}: {entry!r} is not of the form 'package.module:Class'")
         entry = load_reference(entry, FIELD)

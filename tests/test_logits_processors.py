@@ -14,7 +14,7 @@ import torch
 
 from engine import LLM, EngineArgs, SamplingParams
 from engine.engine import LLMEngine
-from engine.logits_process import LogitsProcessors
+from engine.logits_process import LogitsProcessors, resolve_processor_class
 from engine.request import Request
 from engine.sampler import (
     SamplingRow,
@@ -113,6 +113,8 @@ def test_bad_references_and_extra_args_are_value_errors(llama_path):
         EngineArgs(model="x", logits_processors=["no_colon_here"])
     args = EngineArgs(model="x", logits_processors=[logits_plugins.BanToken])
     assert args.logits_processors == (logits_plugins.BanToken,)
+    dotted = "tests.logits_plugins.BanToken"  # vLLM's fully qualified form
+    assert resolve_processor_class(dotted) is logits_plugins.BanToken
     engine = LLMEngine(EngineArgs(model=str(llama_path), logits_processors=[BAN]))
     with pytest.raises(ValueError, match=r"extra_args\.ban"):
         engine.add_request("r", [1, 2, 3], SamplingParams(extra_args={"ban": "x"}))

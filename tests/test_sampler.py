@@ -360,3 +360,50 @@ def test_dense_penalties_equal_the_pairwise_formula():
     got = apply_penalties(logits, [row])[0].tolist()
     want = [2.0 / 2, -1.0 * 2, 0.5 / 2 - 0.5 * 2 - 0.25, float("-inf"), 3.0, -2.0]
     assert got == want
+
+
+class _Recorder:
+    """A custom logits processor that records the logits it is given."""
+
+    def __init__(self, argmax_invariant: bool) -> None:
+        self.invariant = argmax_invariant
+        self.seen: list[torch.Tensor] = []
+
+    def is_argmax_invariant(self) -> bool:
+        return self.invariant
+
+    def update_state(self, batch_update) -> None:
+        pass
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        self.seen.append(logits.clone())
+        return logits
+
+
+def test_custom_processors_run_where_vllm_runs_them():
+    """Not argmax-invariant: after allowed_token_ids / logit_bias, before the penalties.
+    Argmax-invariant: after temperature, on sampled rows only (the greedy row is not given)."""
+    from engine.logits_process import LogitsProcessors
+
+    logits = torch.arange(6, dtype=torch.float64).repeat(2, 1)  # [2, V=6]
+    sampled = SamplingParams(
+        temperature=0.5, allowed_token_ids=[0, 1, 2], logit_bias={1: 5.0}, repetition_penalty=2.0
+    )
+    rows = [
+        SamplingRow(sampled, 0, 1, (4,), (1,), request_id="s"),
+        SamplingRow(SamplingParams(temperature=0), 0, 0, (4,), (), request_id="g"),
+    ]
+    early, late = _Recorder(False), _Recorder(True)
+    processors = LogitsProcessors([early, late])
+    sampler = Sampler()
+    sampler.step_processors = processors.begin_step(rows)
+    sampler(logits.clone(), rows)
+    inf = float("inf")
+    assert torch.equal(early.seen[0][0], torch.tensor([0.0, 6.0, 2.0, -inf, -inf, -inf]))
+    assert torch.equal(early.seen[0][1], logits[1])
+    # penalty (6 / 2 = 3 for the repeated token 1), then temperature 0.5
+    assert torch.equal(late.seen[0][0], torch.tensor([0.0, 6.0, 4.0, -inf, -inf, -inf]))
+    assert torch.equal(late.seen[0][1], torch.zeros(6, dtype=torch.float64))
+    sampler.step_processors = processors.begin_step(rows[1:])
+    sampler(logits[1:].clone(), rows[1:])
+    assert len(early.seen) == 2 and len(late.seen) == 1  # all greedy: not called

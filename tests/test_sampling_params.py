@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from engine import LLM, SamplingParams
-from engine.sampling_params import LogitBias, tokenize_bad_words
+from engine.sampling_params import ExtraArgs, LogitBias, tokenize_bad_words
 
 
 @pytest.mark.parametrize(
@@ -156,3 +156,39 @@ def test_bad_words_are_tokenized_with_and_without_a_leading_space(tokenizer):
     assert tuple(tokenizer.encode(" world", add_special_tokens=False)) in sequences
     assert len(set(sequences)) == len(sequences)
     assert tokenize_bad_words(None, tokenizer) == ()
+
+
+def test_extra_args_are_a_read_only_hashable_json_copy():
+    source = {"ban": 3, "nested": {"ids": [1, 2], "on": True, "w": 0.5, "none": None}}
+    params = SamplingParams(extra_args=source)
+    assert isinstance(params.extra_args, ExtraArgs)
+    assert params.extra_args == source and params.extra_args.get("ban") == 3
+    source["nested"]["ids"].append(9)  # the caller's dict is copied, not shared
+    assert params.extra_args["nested"]["ids"] == [1, 2]
+    same = SamplingParams(
+        extra_args={"nested": {"none": None, "w": 0.5, "on": True, "ids": [1, 2]}, "ban": 3}
+    )
+    assert params == same and hash(params) == hash(same)
+    assert params != SamplingParams(extra_args={"ban": 4})
+    copy = params.extra_args.to_dict()
+    copy["ban"] = 5
+    assert params.extra_args["ban"] == 3
+    assert SamplingParams().extra_args is None
+    with pytest.raises(TypeError):
+        params.extra_args["ban"] = 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        ([1, 2], "extra_args must be a dict"),
+        ("ban", "extra_args must be a dict"),
+        ({1: 2}, "extra_args: keys must be strings"),
+        ({"a": float("nan")}, r"extra_args\.a must be a finite number"),
+        ({"a": [1, {"b": {1, 2}}]}, r"extra_args\.a\[1\]\.b must be a JSON value"),
+        ({"a": {"b": object()}}, r"extra_args\.a\.b must be a JSON value"),
+    ],
+)
+def test_bad_extra_args_name_the_field(value, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(extra_args=value)
