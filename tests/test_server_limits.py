@@ -319,3 +319,16 @@ def test_limit_flags_map_onto_server_config(llama_path):
         api_key=defaults.api_key,
         prestart_chat_template_worker=True,
     )
+
+
+def test_max_connections_fit_the_open_files_limit(monkeypatch):
+    import resource
+
+    from engine.server import __main__ as cli
+
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (512, 512))
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, limits: None)
+    fitted = cli.fit_open_files(ServerConfig(max_connections=1000))
+    assert fitted.max_connections == 512 - cli._RESERVED_FILES
+    assert cli.fit_open_files(ServerConfig(max_connections=100)).max_connections == 100
+    assert cli.fit_open_files(ServerConfig(max_connections=None)).max_connections is None

@@ -271,25 +271,43 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
     )
 
 
-def raise_open_files_limit(max_connections: int | None) -> None:
-    """Lets the process hold max_connections sockets plus its own files (the soft limit is
-    often 1024), up to the hard limit."""
+# File handles kept for the process itself (model files, template workers' pipes, logs).
+_RESERVED_FILES = 256
+
+
+def fit_open_files(config: ServerConfig) -> ServerConfig:
+    """Raises the open-files soft limit (often 1024) toward max_connections plus a reserve, up
+    to the hard limit; if that is still too low, lowers max_connections to fit (with a warning),
+    so a connection flood meets the cap's 503 rather than `accept()` failing for everyone."""
+    if config.max_connections is None:
+        return config
     try:
         import resource
     except ImportError:  # not POSIX
-        return
+        return config
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = (max_connections or 0) + 1024
+    want = config.max_connections + _RESERVED_FILES
     if soft != resource.RLIM_INFINITY and soft < want:
         new = want if hard == resource.RLIM_INFINITY else min(want, hard)
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft != resource.RLIM_INFINITY and soft < want:
+        fitted = max(1, soft - _RESERVED_FILES)
+        logger.warning(
+            "--max-connections %d lowered to %d: the open-files limit is %d",
+            config.max_connections,
+            fitted,
+            soft,
+        )
+        return dataclasses.replace(config, max_connections=fitted)
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        config = server_config_from(ns)
+        config = fit_open_files(server_config_from(ns))
         args = engine_args_from(ns)
         from engine.engine import LLMEngine
 
@@ -297,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    raise_open_files_limit(config.max_connections)
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as e:
