@@ -166,7 +166,8 @@ class RequestStream:
             await self._event.wait()
 
     async def final(self) -> RequestOutput:
-        """Waits for and returns the finished output (complete, also for a DELTA request)."""
+        """Waits for and returns the finished output: complete, also for a DELTA request, when
+        nothing was taken from the stream before (what was taken is not in it)."""
         outs = [out async for out in self]
         if not outs or not outs[-1].finished:
             raise EngineShutdownError(f"request {self.request_id} ended without a final output")
