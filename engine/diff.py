@@ -136,17 +136,26 @@ def engine_traces(llm: LLM, prompts: list, max_tokens: int, top_k: int) -> tuple
     return prompt_ids, traces
 
 
+def hf_source(model_path: str) -> tuple[str, dict[str, Any]]:
+    """Where `from_pretrained` finds the model: a directory, or a GGUF file's folder + gguf_file."""
+    path = Path(model_path)
+    if path.suffix == ".gguf" and path.is_file():
+        return str(path.parent), {"gguf_file": path.name}
+    return model_path, {}
+
+
 def hf_traces(
     model_path: str, prompt_ids: list[list[int]], lengths: list[int], dtype: torch.dtype, top_k: int
 ) -> list[Trace]:
     """Greedy HF `generate`, one prompt at a time, exactly `lengths[i]` new tokens each."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path)
-    is_moe = any(getattr(config, name, None) for name in ("num_local_experts", "num_experts"))
-    # transformers' grouped-mm experts have no float64 kernel; its eager loop is the exact one.
-    kwargs = {"experts_implementation": "eager"} if is_moe else {}
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **kwargs)
+    source, kwargs = hf_source(model_path)
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts")):
+        # transformers' grouped-mm experts have no float64 kernel; its eager loop is exact.
+        kwargs["experts_implementation"] = "eager"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     model.eval()
     traces = []
     with torch.no_grad():
@@ -209,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--prompts", default=None, help="text lines or JSON lines (default: built-in)")
+    p.add_argument("--tokenizer", default=None, help="default: the model's own (a GGUF's too)")
     p.add_argument("--dtype", default="auto", help="auto, float32, float64, bfloat16, float16")
     p.add_argument("--hf", action="store_true", help="also compare HF transformers generate")
     p.add_argument("--max-tokens", type=int, default=32)
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             block_size=args.block_size,
             max_model_len=args.max_model_len,
             kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            tokenizer=args.tokenizer,
         )
         reference_llm = LLM(
             args.model, scheduler="reference", attention_backend="reference", **common

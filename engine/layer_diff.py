@@ -253,14 +253,17 @@ def hf_capture(model: str, side: Side, prompts: list[list[int]]) -> Capture:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, side.dtype or "float32")
-    config = AutoConfig.from_pretrained(model)
+    from engine.diff import hf_source
+
+    source, source_kwargs = hf_source(model)
+    config = AutoConfig.from_pretrained(source, **source_kwargs)
     # sdpa computes in the model's dtype; eager's softmax runs in float32 even in float64 runs.
     # Soft-capped attention (Gemma 2) needs eager.
     capped = getattr(config, "attn_logit_softcapping", None) is not None
-    kwargs: dict[str, Any] = {"attn_implementation": "eager" if capped else "sdpa"}
+    kwargs: dict[str, Any] = {"attn_implementation": "eager" if capped else "sdpa", **source_kwargs}
     if any(getattr(config, name, None) for name in ("num_local_experts", "num_experts")):
         kwargs["experts_implementation"] = "eager"  # the exact float64 loop (see engine.diff)
-    net = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kwargs).eval()
+    net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs).eval()
     embed = _module(net, HF_NAMES["embedding"])
     scale = 1.0
     # Gemma scales the embeddings outside the module unless it is a scaled embedding.

@@ -188,3 +188,18 @@ def test_layers_engine_equals_hf_on_every_family(key, tokenizer, tmp_path_factor
     report = json.loads(out.out)
     assert code == 0, report["first_beyond_tolerance"]
     assert max(row["max_rel"] for row in report["rows"]) < bound
+
+
+def test_diff_with_hf_reads_a_gguf_file(llama_path, prompts_file, tmp_path, capsys):
+    """`--model x.gguf --hf`: HF loads the same file (folder + gguf_file), float64 agrees."""
+    pytest.importorskip("gguf")
+    from tests.gguf_factory import write_gguf
+
+    path = write_gguf(llama_path, tmp_path / "tiny.gguf", lambda name: "Q8_0")
+    argv = ["--model", str(path), "--tokenizer", str(llama_path), "--prompts", str(prompts_file)]
+    code = diff.main(
+        [*argv, "--dtype", "float64", "--max-tokens", "6", "--hf", "--block-size", "4"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "4/4 requests agree" in out and "hf vs reference" in out
