@@ -282,24 +282,50 @@ def process_linear_weights(
 
 class RMSNorm(nn.Module):
     """x / rms(x) * w, in transformers' Llama arithmetic (normalise in float32, cast back, then
-    scale by the weight)."""
+    scale by the weight).
+
+    `add_norm(x, residual)` is the pre-norm block's fused step: the residual add in place on `x`
+    (a fresh block output the caller owns), then the norm of the sum, as transformers computes
+    `residual + x` followed by the norm (the add is commutative, so bit for bit the same).
+    """
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.weight = empty_param(dim, dtype=dtype, device=device)
         self.eps = eps
+        # 0-d float32 tensors: a Python scalar operand costs a scalar-to-tensor copy per call
+        # (4 extra op calls per norm on CPU); the arithmetic is the same (sum / dim is what
+        # mean computes, and eps is rounded to float32 either way).
+        f32 = {"dtype": torch.float32, "device": device}
+        self.register_buffer("_eps", torch.tensor(eps, **f32), persistent=False)
+        self.register_buffer("_dim", torch.tensor(float(dim), **f32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            # transformers' arithmetic (no casts at this dtype), with in-place ops on the small
-            # temporaries: on CPU, F.rms_norm runs as a chain of out-of-place ops and costs 3-4x
-            # this at one row (about 3.5 ms of a SmolLM-135M batch-1 decode step).
-            scale = x.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # [T, 1]
-            return (x * scale).mul_(self.weight)
+            return self._norm_f32(x)
         # As transformers does: normalise in float32, cast back, then scale.
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def _norm_f32(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] float32
+        # transformers' arithmetic (x * x is pow(x, 2) exactly; sum / D is mean exactly), with
+        # in-place ops on the small temporaries and tensor operands: 7 op calls instead of 19.
+        # (On CPU, F.rms_norm runs as a chain of out-of-place ops and costs more than this.)
+        scale = torch.sum(x * x, -1, keepdim=True).div_(self._dim).add_(self._eps).rsqrt_()
+        return (x * scale).mul_(self.weight)
+
+    def add_norm(
+        self,
+        x: torch.Tensor,  # [T, D], overwritten with x + residual
+        residual: torch.Tensor,  # [T, D]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (norm(x + residual), x + residual)
+        """Fused residual add + norm: one in-place add (no new residual tensor), then the norm.
+
+        Runs the forward hooks like a call would (engine.layer_diff captures module outputs).
+        """
+        summed = x.add_(residual)
+        return self(summed), summed
 
 
 class OffsetRMSNorm(RMSNorm):
@@ -451,5 +477,8 @@ class GatedMLP(nn.Module):
         self.down_proj.quantizable_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        gate_up = self.gate_up_proj(x)  # [T, 2 * I]
+        size = self.intermediate_size
+        # act(gate) is a fresh contiguous tensor: multiply by up in place (one tensor fewer),
+        # and the down projection reads it without a copy.
+        return self.down_proj(self.act(gate_up[..., :size]).mul_(gate_up[..., size:]))

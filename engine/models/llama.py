@@ -130,8 +130,10 @@ class DecoderLayer(nn.Module):
         cache: LayerKVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cache, meta)  # fresh [T, H]
+        # attn += x in place (the residual stream), then its norm: no new residual tensor.
+        h, x = self.post_attention_layernorm.add_norm(attn, x)
+        return self.mlp(h).add_(x)  # the MLP's fresh output takes the residual in place
 
 
 class LlamaForCausalLM(nn.Module):
