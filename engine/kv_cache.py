@@ -178,15 +178,49 @@ def create_cache_config(
     )
     logger.info(
         "KV cache: %d blocks of %d tokens (%.1f MiB), %d token slots; max concurrency at "
-        "max_model_len=%d: %.2fx",
+        "max_model_len=%d: %.2fx%s",
         num_blocks,
         args.block_size,
         num_blocks * block_bytes / 2**20,
         config.num_token_slots,
         model_config.max_model_len,
         num_blocks / blocks_per_seq,
+        sliding_window_note(args, model_config),
     )
     return config
+
+
+def window_tokens_needed(args: EngineArgs, model_config: ModelConfig) -> int | None:
+    """Tokens of K/V one request ever reads when *every* layer slides (None if any is global).
+
+    A decode at position p reads positions > p - window; a step adds at most a chunk of
+    `max_num_batched_tokens` tokens, so window - 1 + chunk positions (capped by max_model_len)
+    are all a request needs resident, plus a block for alignment.
+    """
+    from engine.models.registry import layer_sliding_windows
+
+    windows = layer_sliding_windows(model_config.hf_config, model_config.architecture)
+    if not windows or any(w is None for w in windows):
+        return None
+    step_tokens = args.create_scheduler_config(model_config).max_num_batched_tokens
+    chunk = min(step_tokens, model_config.max_model_len)
+    needed = max(windows) - 1 + chunk + args.block_size
+    return min(model_config.max_model_len, needed)
+
+
+def sliding_window_note(args: EngineArgs, model_config: ModelConfig) -> str:
+    """The capacity log's addition for models whose every layer slides: what the window needs.
+
+    Blocks that fall out of every layer's window are not freed yet, so the capacity above (full
+    max_model_len per request) is what the pool really holds; the note says how much less a
+    request reads, for sizing `max_model_len` and the pool."""
+    needed = window_tokens_needed(args, model_config)
+    if needed is None or needed >= model_config.max_model_len:
+        return ""
+    return (
+        f"; every layer slides, so a request reads at most {needed} tokens of K/V (window - 1 "
+        "+ one chunk + a block), but out-of-window blocks stay allocated until it finishes"
+    )
 
 
 def allocate_kv_cache(model_config: ModelConfig, cache_config: CacheConfig) -> list[LayerKVCache]:
