@@ -302,18 +302,21 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return self._norm_f32(x)
-        # As transformers does: normalise in float32, cast back, then scale.
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+            return self._norm_f32(x, self.weight)
+        # As transformers does (bf16, fp16, fp64): normalise in float32, cast back, then scale
+        # by the weight in the model dtype (in place on the fresh cast: the same products).
+        return self._norm_f32(x.to(torch.float32)).to(x.dtype).mul_(self.weight)
 
-    def _norm_f32(self, x: torch.Tensor) -> torch.Tensor:  # [T, D] float32
+    def _norm_f32(
+        self, x: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:  # [T, D] float32
         # transformers' arithmetic (x * x is pow(x, 2) exactly; sum / D is mean exactly), with
-        # in-place ops on the small temporaries and tensor operands: 7 op calls instead of 19.
-        # (On CPU, F.rms_norm runs as a chain of out-of-place ops and costs more than this.)
+        # in-place ops on the small temporaries and tensor operands: 7 op calls instead of 19
+        # (16 instead of 27 in bfloat16). (On CPU, F.rms_norm runs as a chain of out-of-place
+        # ops and costs more than this.)
         scale = torch.sum(x * x, -1, keepdim=True).div_(self._dim).add_(self._eps).rsqrt_()
-        return (x * scale).mul_(self.weight)
+        out = x * scale
+        return out if weight is None else out.mul_(weight)
 
     def add_norm(
         self,

@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 from engine.attention import AttentionBackend
 from engine.config import ModelConfig
+from engine.cpu_features import log_dtype_support
 from engine.models.gguf_loader import is_gguf_file, open_gguf
 from engine.models.layers import Linear
 from engine.models.registry import get_model_class
@@ -61,6 +62,7 @@ def load_model(model_config: ModelConfig, backend: AttentionBackend) -> torch.nn
     from engine.quantization.selection import method_chooser, resolve_quantization
 
     start = time.perf_counter()
+    log_dtype_support(model_config.dtype, model_config.device)
     model_class = get_model_class(model_config.architecture)
     model = model_class(
         model_config.hf_config,
