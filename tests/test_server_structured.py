@@ -76,7 +76,9 @@ def server(llama_path):
         tool_call_parser="hermes",
         warm_structured_outputs=True,
     )
+    assert engine.structured._compiler is None  # lazily made, unless warmed
     with ServerThread(OpenAIServer(engine, config)) as thread:
+        thread.warmed = engine.structured._compiler is not None  # before any request
         yield thread
 
 
@@ -204,6 +206,15 @@ def test_bad_and_uncompilable_schemas_are_400s_naming_the_field(client, server):
     assert info.value.body["param"] == "structured_outputs.regex"
     assert "look-around" in info.value.body["message"]
     assert chat(client, max_tokens=2).choices[0].finish_reason == "length"  # still serving
+    # A grammar that compiles alone but not for this tokenizer fails in the engine: same param.
+    engine_error = server.server._api_error(ValueError("structured_outputs.grammar: bad"))
+    assert engine_error.status == 400 and engine_error.param == "structured_outputs.grammar"
+
+
+def test_the_grammar_engine_is_warmed_at_start_up(server):
+    """warm_structured_outputs (the CLI sets it): the tokenizer is wrapped before the engine
+    thread starts, not on it at the first structured request."""
+    assert server.warmed
 
 
 # ---- tool calls ------------------------------------------------------------------------------

@@ -363,6 +363,8 @@ class OpenAIServer:
             param = P.field_named_in(message, P.SAMPLING_FIELDS)
             if param is None and message.startswith("prompt"):
                 param = "prompt"
+            if param is None:  # a grammar that does not compile for this tokenizer
+                param = P.structured_error(error).param
             return P.APIError(message, param=param)
         logger.error("request failed: %s", error, exc_info=error)
         return P.APIError("Internal server error", status=500)
