@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import urllib.request
 
 import jsonschema
@@ -349,3 +350,25 @@ def test_tool_flags_and_default_model(monkeypatch, llama_path):
     ns = cli.build_parser().parse_args(["--model", "demo"])  # explicitly, whatever is installed
     assert cli.engine_args_from(ns).model == str(demo_model_path())
     assert cli.server_config_from(ns).served_model_names == ("demo",)
+
+
+def test_schemas_are_compiled_off_the_event_loop(client, monkeypatch):
+    """A schema's check and compile grow with its size (0.3 s for 33 kB): they run in a worker
+    thread, never on the loop that serves every other request."""
+    from engine.server import protocol
+
+    threads = []
+    real = protocol.read_structured_outputs
+
+    def recording(body, chat):
+        threads.append(threading.current_thread().name)
+        return real(body, chat)
+
+    monkeypatch.setattr(protocol, "read_structured_outputs", recording)
+    out = chat(client, max_tokens=5, extra_body={"guided_choice": ["a", "b"]})
+    assert out.choices[0].message.content in ("a", "b")
+    client.completions.create(
+        model=MODEL, prompt="x", max_tokens=3, extra_body={"guided_regex": "a"}
+    )
+    chat(client, max_tokens=3)  # no structured field: not called
+    assert len(threads) == 2 and "server-loop" not in threads, threads

@@ -299,6 +299,13 @@ class OpenAIServer:
             raise P.APIError(f"The model `{requested}` does not exist.", status=404, param="model")
         return requested
 
+    async def _structured_outputs(self, body: dict[str, Any], chat: bool) -> Any:
+        """The request's StructuredOutputsParams, checked and compiled in a worker thread (a
+        schema's cost grows with its size; the loop keeps serving meanwhile)."""
+        if not P.asks_for_structured_outputs(body, chat):
+            return None
+        return await asyncio.to_thread(P.read_structured_outputs, body, chat)
+
     def _tool_parser(self, req: P.ChatRequest) -> ToolParser | None:
         """The parser of the request's tool calls: the forced one for tool_choice required / a
         named function, the --tool-call-parser for auto; None for none."""
@@ -375,6 +382,7 @@ class OpenAIServer:
         body = await self._read_json(request)
         req = P.parse_completion_request(body, self.model_config.max_logprobs, self.limits)
         model = self._model_name(req.model)
+        structured = await self._structured_outputs(body, chat=False)
         n = int(req.sampling.get("n", 1))
         self._check_total_samples(len(req.prompts), n)
         encoded = await self.inputs.encode_prompts(req.prompts, need_text=req.echo)
@@ -383,6 +391,8 @@ class OpenAIServer:
         for _, token_ids in encoded:
             max_tokens = P.check_length(len(token_ids), max(req.max_tokens, 1), self.max_model_len)
             sampling = {**req.sampling, "max_tokens": max_tokens, "logprobs": req.logprobs}
+            if structured is not None:
+                sampling["structured_outputs"] = structured
             params.append(P.make_sampling_params(sampling, delta=True))
         response_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -408,6 +418,7 @@ class OpenAIServer:
         req = P.parse_chat_request(body, self.model_config.max_logprobs, self.limits)
         model = self._model_name(req.model)
         tool_parser = self._tool_parser(req)
+        structured = await self._structured_outputs(body, chat=True)
         token_ids = await self.inputs.render_chat(req)
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         max_tokens = P.check_length(len(token_ids), req.max_tokens, self.max_model_len, param)
@@ -416,6 +427,8 @@ class OpenAIServer:
             "max_tokens": max_tokens,
             "logprobs": req.top_logprobs if req.logprobs else None,
         }
+        if structured is not None:
+            sampling["structured_outputs"] = structured
         params = P.make_sampling_params(sampling, delta=True)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
