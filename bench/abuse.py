@@ -8,7 +8,7 @@ Runs an in-process server (the demo model unless --model), or drives one started
 (`--base-url`, `--served-model-name`, and `--server-pid` for its RSS): a separate process is the
 honest measurement, since an in-process server shares the GIL with the abusive clients:
 
-    python -m engine.server --trust-request-chat-template --max-connections 200 \
+    python -m engine.server --model demo --trust-request-chat-template --max-connections 200 \
         --request-header-timeout 5 --chat-template-timeout 2 --disable-access-log &
     python bench/abuse.py --base-url http://127.0.0.1:8000 --served-model-name demo \
         --server-pid $! --soak 600
