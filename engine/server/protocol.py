@@ -6,6 +6,11 @@ are ignored, as vLLM does, so newer clients keep working). Sampling fields map b
 `SamplingParams`; range checks live there, and its `ValueError` (which names the field) becomes
 a 400 here.
 
+Structured outputs (`response_format`, `structured_outputs`, `guided_*`) and `tool_choice`
+required / named become `SamplingParams.structured_outputs` through `engine.structured.openai`
+(`read_structured_outputs`, which the server runs off its event loop); `tools` and `tool_choice`
+are checked here with vLLM's defaults; `vllm_xargs` becomes `SamplingParams.extra_args`.
+
 Shapes follow OpenAI's spec (/v1/completions, /v1/chat/completions, their stream chunks) and vLLM's
 extensions (`stop_reason`, the extra sampling fields, `max_tokens: 0` with `echo`). Errors are
 `{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status, as vLLM sends them.
