@@ -6,6 +6,8 @@ Two threads, one owner each:
   that ever calls it. Between steps it drains a thread-safe command queue (add / abort / stop),
   then runs one `step()` and hands the step's outputs to the event loop in one
   `loop.call_soon_threadsafe` call. While the engine has nothing to do it blocks on the queue.
+  It is the only thread with an OpenMP team: `start()` and `add_request` free the loop thread's
+  (`engine.openmp.release_openmp_pool`), else the step's workers sleep and wake at every op.
 * The **event-loop thread** owns every `RequestStream` and all bookkeeping about them (the
   waiting count, the stream table, metric observations). It never touches the `LLMEngine`.
 
@@ -49,6 +51,7 @@ from typing import Any, Protocol
 from engine.config import EngineArgs
 from engine.cpu_malloc import HeapTrimmer
 from engine.engine import EngineStats, LLMEngine, PromptType
+from engine.openmp import release_openmp_pool
 from engine.request import CompletionOutput, RequestOutput
 from engine.sampling_params import RequestOutputKind, SamplingParams
 
@@ -287,6 +290,9 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._loop = asyncio.get_running_loop()
+        # The loop's thread usually loaded the model: its OpenMP team would make the step
+        # thread's workers sleep and wake at every op (engine/openmp.py).
+        release_openmp_pool()
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
         self._thread.start()
 
@@ -301,6 +307,7 @@ class AsyncEngine:
         """
         self.start()
         self._check_accepting()
+        release_openmp_pool(rescan=False)  # the loop thread may have run a parallel op since
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         weight = max(1, int(params.n))

@@ -390,3 +390,29 @@ def test_delta_streams_merge_what_a_slow_consumer_has_not_taken(make_engine, lla
     assert late[0].finished and [c.finish_reason for c in late[0].outputs] == ["length"] * 2
     assert [c.token_ids for c in final.outputs] == want_ids
     assert [c.text for c in final.outputs] == [c.text for c in late[0].outputs]
+
+
+def test_start_and_add_free_the_loop_threads_openmp_team(make_engine, monkeypatch):
+    """The loop's thread (which loaded the model in the CLI) must not keep a libgomp team: it
+    would make the step thread's OpenMP workers sleep and wake at every op (engine/openmp.py)."""
+    import engine.async_engine as async_engine_module
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        async_engine_module,
+        "release_openmp_pool",
+        lambda rescan=True: calls.append(threading.current_thread().name) or True,
+    )
+    engine = make_engine()
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+
+    async def main():
+        loop_thread = threading.current_thread().name
+        stream = await engine.add_request("r0", PROMPTS[0], params)
+        await stream.final()
+        await engine.shutdown()
+        return loop_thread
+
+    loop_thread = run(main())
+    assert len(calls) >= 2  # start() and the add
+    assert set(calls) == {loop_thread}  # never from the step thread (it keeps its team)

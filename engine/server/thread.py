@@ -8,6 +8,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING
 
+from engine.openmp import release_openmp_pool
+
 if TYPE_CHECKING:
     from engine.server.app import OpenAIServer
 
@@ -49,6 +51,8 @@ class ServerThread:
         self.url = ""
 
     def start(self, timeout: float = 60.0) -> str:
+        # The caller usually loaded the model: free its OpenMP team (see engine/openmp.py).
+        release_openmp_pool()
         self._thread.start()
         if not self._ready.wait(timeout):
             raise TimeoutError("the server did not start")
