@@ -270,7 +270,10 @@ async def _resolve_model(session: aiohttp.ClientSession, base_url: str) -> str:
 async def run(args: argparse.Namespace) -> list[LevelResult]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     timeout = aiohttp.ClientTimeout(total=args.timeout)
-    connector = aiohttp.TCPConnector(limit=0)
+    # One connection per request: reusing a kept-alive connection that the server is closing at
+    # that moment fails the request (seen with llama-server at 32 streams); a loopback connect
+    # costs well under a millisecond against requests of seconds.
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
     async with aiohttp.ClientSession(
         headers=headers, timeout=timeout, connector=connector
     ) as session:
