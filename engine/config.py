@@ -38,6 +38,13 @@ SCHEDULERS = ("default", "reference")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
+def hf_head_dim(hf_config: Any) -> int:
+    """A transformers config's attention head size: `head_dim` when set (Qwen3, Gemma), else
+    hidden_size / num_attention_heads."""
+    cfg = hf_config
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
     """The checkpoint and how to run it."""
@@ -77,8 +84,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        cfg = self.hf_config
-        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        return hf_head_dim(self.hf_config)
 
 
 @dataclass(frozen=True, slots=True)

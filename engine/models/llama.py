@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.config import hf_head_dim
 from engine.kv_cache import LayerKVCache
 from engine.models.layers import (  # noqa: F401 - re-exported for benches and tests
     Attention,
@@ -72,7 +73,7 @@ def llama_attention(
 ) -> Attention:
     """The attention module with the family's switches (bias, Qwen3's q/k norms, windows)."""
     num_heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
+    head_dim = hf_head_dim(cfg)
     if architecture == "Qwen2ForCausalLM":
         qkv_bias, o_bias = True, False
     else:

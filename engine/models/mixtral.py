@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from engine.attention import AttentionBackend
+from engine.config import hf_head_dim
 from engine.models.base import CausalLM, DecoderLayer, layer_sliding_window
 from engine.models.layers import Attention, RMSNorm
 from engine.models.moe import SparseMoeBlock
@@ -35,7 +36,7 @@ class MixtralForCausalLM(CausalLM):
         device: torch.device,
     ) -> None:
         cfg = hf_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = hf_head_dim(cfg)
         layers = []
         for i in range(cfg.num_hidden_layers):
             attn = Attention(

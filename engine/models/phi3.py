@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from engine.attention import AttentionBackend
+from engine.config import hf_head_dim
 from engine.models.base import CausalLM, DecoderLayer, layer_sliding_window
 from engine.models.layers import Attention, GatedMLP, RMSNorm
 from engine.models.rotary import RotaryEmbedding, longrope_embedding, rope_parameters
@@ -31,7 +32,7 @@ class Phi3ForCausalLM(CausalLM):
         device: torch.device,
     ) -> None:
         cfg = hf_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = hf_head_dim(cfg)
         params = rope_parameters(cfg)
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type in ("longrope", "su"):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionBackend
+from engine.config import hf_head_dim
 from engine.models.base import CausalLM, DecoderLayer, layer_sliding_window
 from engine.models.layers import Attention, GatedMLP, RMSNorm
 from engine.models.moe import SparseMoeBlock
@@ -44,7 +45,7 @@ class QwenMoeForCausalLM(CausalLM):
     ) -> None:
         cfg = hf_config
         qwen3 = architecture == "Qwen3MoeForCausalLM"
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        head_dim = hf_head_dim(cfg)
         eps = cfg.rms_norm_eps
         layers = []
         for i in range(cfg.num_hidden_layers):
