@@ -59,3 +59,25 @@ def load_reference(reference: str, field: str) -> Any:
     if not callable(obj):
         raise ValueError(f"{field}: {reference!r} is not callable (a class or a factory)")
     return obj
+
+
+def register_factory(
+    kind: str,
+    registry: dict[str, Any],
+    builtins: tuple[str, ...],
+    name: str,
+    factory: Any,
+    override: bool,
+) -> None:
+    """Adds `factory` under `name` to a plug-in point's `registry` (`kind` names the point in
+    errors, e.g. "proposer"). Built-in names cannot be taken; a name registered twice needs
+    `override=True` (re-registering the same factory is a no-op)."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ValueError(f"{kind} name must be a non-empty string without ':', got {name!r}")
+    if not callable(factory):
+        raise ValueError(f"{kind} {name!r}: the factory must be callable")
+    if name in builtins:
+        raise ValueError(f"{kind} {name!r} is built in and cannot be replaced")
+    if name in registry and registry[name] is not factory and not override:
+        raise ValueError(f"{kind} {name!r} is already registered (override=True)")
+    registry[name] = factory

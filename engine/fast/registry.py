@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 from engine.attention import AttentionBackend
-from engine.plugins import is_reference, load_plugin_modules, load_reference
+from engine.plugins import is_reference, load_plugin_modules, load_reference, register_factory
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +41,7 @@ def register_attention_backend(
 ) -> None:
     """Makes `attention_backend=name` build `factory()`. Built-in names cannot be taken; a name
     registered twice needs `override=True` (re-registering the same factory is a no-op)."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(
-            f"attention backend name must be a non-empty string without ':', got {name!r}"
-        )
-    if not callable(factory):
-        raise ValueError(f"attention backend {name!r}: the factory must be callable")
-    if name in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is built in and cannot be replaced")
-    if name in _PLUGINS and _PLUGINS[name] is not factory and not override:
-        raise ValueError(f"attention backend {name!r} is already registered (override=True)")
-    _PLUGINS[name] = factory
+    register_factory("attention backend", _PLUGINS, ATTENTION_BACKENDS, name, factory, override)
 
 
 def unregister_attention_backend(name: str) -> None:

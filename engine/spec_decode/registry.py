@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from engine.plugins import is_reference, load_plugin_modules, load_reference
+from engine.plugins import is_reference, load_plugin_modules, load_reference, register_factory
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig, SpeculativeConfig
@@ -53,15 +53,7 @@ _PROPOSERS: dict[str, ProposerFactory] = {}
 
 def register_proposer(name: str, factory: ProposerFactory, *, override: bool = False) -> None:
     """Makes `speculative_config={"method": name}` use `factory(spec_config, model_config)`."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"proposer name must be a non-empty string without ':', got {name!r}")
-    if not callable(factory):
-        raise ValueError(f"proposer {name!r}: the factory must be callable")
-    if name in BUILTIN_METHODS:
-        raise ValueError(f"proposer {name!r} is built in and cannot be replaced")
-    if name in _PROPOSERS and _PROPOSERS[name] is not factory and not override:
-        raise ValueError(f"proposer {name!r} is already registered (override=True)")
-    _PROPOSERS[name] = factory
+    register_factory("proposer", _PROPOSERS, BUILTIN_METHODS, name, factory, override)
 
 
 def unregister_proposer(name: str) -> None:
