@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 from engine import LLM, SamplingParams, diff
 from engine.models import registry
 from tests.family_checkpoints import FAMILY_VARIANTS, family_checkpoint
+from tests.hf_reference import hf_greedy
 
 MAX_TOKENS = 24
 PROMPT_LENGTHS = [1, 4, 9, 16, 23, 40]
@@ -58,22 +59,7 @@ def hf_model(path, key: str, dtype: torch.dtype):
 
 
 def hf_generate(path, key, prompts, dtype) -> tuple[list[list[int]], list[torch.Tensor]]:
-    model = hf_model(path, key, dtype)
-    outs, logprobs = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            result = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            outs.append(result.sequences[0, len(prompt) :].tolist())
-            logits = torch.cat(result.logits, dim=0).to(torch.float64)
-            logprobs.append(torch.log_softmax(logits, dim=-1))
-    return outs, logprobs
+    return hf_greedy(hf_model(path, key, dtype), prompts, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("key", list(FAMILY_VARIANTS))

@@ -28,6 +28,7 @@ gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")
 
 from tests.gguf_factory import write_gguf  # noqa: E402
+from tests.hf_reference import hf_greedy  # noqa: E402
 
 MAX_TOKENS = 16
 DIMS = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4}
@@ -69,23 +70,8 @@ def _hf_generate_with_logprobs(
     model, prompts: list[list[int]]
 ) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy continuations and per-step logprobs [steps, V] from HF, one prompt at a time."""
-    model.eval()
     model.generation_config.eos_token_id = None
-    outs, logprobs = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            result = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            outs.append(result.sequences[0, len(prompt) :].tolist())
-            logits = torch.cat(result.logits, dim=0).to(torch.float64)
-            logprobs.append(torch.log_softmax(logits, dim=-1))
-    return outs, logprobs
+    return hf_greedy(model, prompts, MAX_TOKENS)
 
 
 def _hf_generate(model, prompts: list[list[int]]) -> list[list[int]]:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from engine import LLM, SamplingParams
 from tests.conftest import ARCH_VARIANTS
+from tests.hf_reference import hf_greedy
 
 PROMPT_LENGTHS = [1, 4, 9, 16, 23, 40]  # block_size 7 divides none of them but 0 mod 7 ones
 MAX_TOKENS = 24
@@ -28,23 +29,7 @@ def make_prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def hf_generate(path, prompts, dtype) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy continuations and per-step logprobs [steps, V] from HF, one prompt at a time."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
-    outs, logprobs = [], []
-    with torch.no_grad():
-        for prompt in prompts:
-            result = model.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_logits=True,
-            )
-            outs.append(result.sequences[0, len(prompt) :].tolist())
-            logits = torch.cat(result.logits, dim=0).to(torch.float64)  # [steps, V]
-            logprobs.append(torch.log_softmax(logits, dim=-1))
-    return outs, logprobs
+    return hf_greedy(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), prompts, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("variant", list(ARCH_VARIANTS))
