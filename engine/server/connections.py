@@ -6,7 +6,8 @@ connections and never finishes their headers keeps every file handle until the p
 accept nothing (slowloris). `GuardedSockSite` serves aiohttp's handler through a thin protocol
 wrapper that:
 
-* answers `503` and closes at once when `max_connections` are already open;
+* answers `503` when `max_connections` are already open, then half-closes and drains the
+  request for at most `_REJECT_LINGER_S` (no reset that could destroy the reply);
 * closes a connection whose request headers have not all arrived `header_timeout` seconds after
   it opened (or after the first byte of a later request on a kept-alive connection); aiohttp's
   keep-alive timeout closes connections idle between requests;
@@ -46,6 +47,8 @@ _BUSY_RESPONSE = (
     + b"\r\n\r\n"
     + _BUSY_BODY
 )
+# How long a connection refused over the cap may stay half-open, draining the client's request.
+_REJECT_LINGER_S = 0.5
 
 
 class ConnectionGuard:
@@ -106,7 +109,12 @@ class _GuardedProtocol(asyncio.Protocol):
         if not self._guard._admit(transport, self):
             self._rejected = True
             transport.write(_BUSY_RESPONSE)
-            transport.close()
+            # Half-close after the reply and discard what the client still sends until it closes
+            # (or _REJECT_LINGER_S): closing with unread bytes in the receive buffer makes the
+            # kernel send a reset, which can destroy the 503 before the client has read it.
+            if transport.can_write_eof():
+                transport.write_eof()
+            asyncio.get_running_loop().call_later(_REJECT_LINGER_S, transport.close)
             return
         self._transport = transport
         self._arm()
