@@ -254,11 +254,15 @@ class EngineArgs:
     # vLLM's custom logits processors: 'package.module:Class' references or classes, each built
     # once per engine (engine/logits_process.py); checked to load here.
     logits_processors: Any = None
+    # Tensor parallelism (vLLM's name): the model sharded over this many ranks
+    # (engine/distributed); 1 runs in this process alone.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_logprobs", self.max_logprobs, allow_zero=True)
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
         for name in (
             "max_model_len",
             "max_num_batched_tokens",

@@ -49,6 +49,7 @@ ENGINE_FLAGS = (
     "scheduler",
     "quantization",
     "logits_processors",
+    "tensor_parallel_size",
 )
 DEMO_MODEL_NAME = "demo"
 API_KEY_ENV = ("ENGINE_API_KEY", "VLLM_API_KEY")
@@ -123,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--scheduler", default=None)
     model.add_argument(
         "--quantization", "-q", default=None, help="weight quantization method (vLLM's names)"
+    )
+    model.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=None,
+        help="shard the model over N worker processes (torch.distributed; gloo on CPU)",
     )
     model.add_argument(
         "--logits-processors",
