@@ -19,6 +19,7 @@ and the query tokens sit at positions seq_lens[i] - q_len_i ... seq_lens[i] - 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -106,34 +107,39 @@ def write_kv_to_cache(
 
 
 def pack_sequences(
-    sequences: list[tuple[list[int], int, tuple[int, ...]]],
+    sequences: Sequence[tuple[list[int], int, Sequence[int]]],
     block_size: int,
     device: torch.device,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
     """Packs (new token ids, position of the first one, block table) per request into one
     step's inputs: input_ids [T], positions [T] and the AttentionMetadata.
 
     Each request's new tokens sit at positions start ... start + len - 1, after `start` tokens
     whose K/V are already in its blocks; its block table must cover every new position.
+    `block_table` ([B, M] int32 on the host, row i = request i's block ids then 0) is the
+    runner's persistent table gathered for this step; without it the table is built here from
+    the sequences' block ids. The work per request is O(new tokens / block_size) Python steps
+    either way, plus O(blocks) C-level copying when the table is built here.
     """
     input_ids: list[int] = []
     positions: list[int] = []
     slot_mapping: list[int] = []
     query_start_loc = [0]
     seq_lens: list[int] = []
-    width = max((len(blocks) for _, _, blocks in sequences), default=0)
-    block_table = torch.zeros(len(sequences), max(width, 1), dtype=torch.int32)
-    for i, (token_ids, start, blocks) in enumerate(sequences):
+    for token_ids, start, blocks in sequences:
         end = start + len(token_ids)
         input_ids += token_ids
         positions += range(start, end)
-        slot_mapping += (
-            blocks[p // block_size] * block_size + p % block_size for p in range(start, end)
-        )
+        # Slot of position p: blocks[p // bs] * bs + p % bs, one run per block touched.
+        for j in range(start // block_size, -(-end // block_size)):
+            lo, hi = max(start, j * block_size), min(end, (j + 1) * block_size)
+            base = (blocks[j] - j) * block_size
+            slot_mapping += range(base + lo, base + hi)
         query_start_loc.append(query_start_loc[-1] + len(token_ids))
         seq_lens.append(end)
-        if blocks:
-            block_table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+    if block_table is None:
+        block_table = build_block_table([blocks for _, _, blocks in sequences])
 
     def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -150,3 +156,13 @@ def pack_sequences(
         seq_lens_cpu=tuple(seq_lens),
     )
     return tensor(input_ids, torch.int64), tensor(positions, torch.int64), meta
+
+
+def build_block_table(tables: Sequence[Sequence[int]]) -> torch.Tensor:  # [B, max(M, 1)] int32
+    """The block table from scratch: row i = tables[i], padded with 0 to the longest."""
+    width = max(1, max((len(t) for t in tables), default=0))
+    flat: list[int] = []
+    for ids in tables:
+        flat += ids
+        flat += [0] * (width - len(ids))
+    return torch.tensor(flat, dtype=torch.int32).view(len(tables), width)

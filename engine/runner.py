@@ -1,7 +1,8 @@
 """The model runner: SchedulerOutput -> packed inputs + AttentionMetadata -> forward -> samples.
 
-`prepare_inputs` is a pure function of the scheduler's output, so the metadata of any step can be
-built and inspected in a test without a model. The forward runs once per step over all scheduled
+`prepare_inputs` is a function of the scheduler's output (and of the runner's persistent block
+table, which it updates, when given one), so the metadata of any step can be built and inspected
+in a test without a model. The forward runs once per step over all scheduled
 tokens packed together; logits are computed only where they are needed: at the last token of
 requests that sample, and, for a request that asked for prompt logprobs, at every prompt position
 of the chunk whose next prompt token still lacks its logprob entry.
@@ -12,6 +13,13 @@ computing positions [start, end) yields the entries of tokens start + 1 ... min(
 (`Request.add_prompt_logprobs` checks it); a recompute after preemption skips the tokens that
 already have entries.
 
+Block tables: the runner keeps one persistent table (engine/block_table.py) with a row per live
+request; each step writes only the block ids that changed since the request's previous step
+(`ScheduledRequest.num_unchanged_blocks`) and gathers the step's rows, so the host work per step
+does not grow with the requests' lengths. Without a persistent table (`prepare_inputs(...,
+block_table=None)`, what tests and one-off forwards use) the table is built from scratch; both
+give the same metadata.
+
 Custom logits processors (engine/logits_process.py): every step the runner tells them the step's
 batch (the plain sampling rows, each carrying its request id, then the verification rows) before
 the sampler and the verifier apply them.
@@ -19,11 +27,13 @@ the sampler and the verifier apply them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from engine.attention import AttentionMetadata, pack_sequences
+from engine.block_table import PersistentBlockTable
 from engine.config import CacheConfig, ModelConfig
 from engine.kv_cache import LayerKVCache, allocate_kv_cache
 from engine.logits_process import LogitsProcessors
@@ -78,8 +88,11 @@ def prepare_inputs(
     scheduled: tuple[ScheduledRequest, ...] | list[ScheduledRequest],
     block_size: int,
     device: torch.device,
+    block_table: PersistentBlockTable | None = None,
 ) -> ModelInputs:
-    sequences: list[tuple[list[int], int, tuple[int, ...]]] = []  # (new ids, start, blocks)
+    """The step's model inputs. With `block_table`, the scheduled requests' rows are updated
+    there (only what changed) and the metadata's block table is gathered from it."""
+    sequences: list[tuple[list[int], int, Sequence[int]]] = []  # (new ids, start, blocks)
     first_row = 0  # the packed row of the current request's first new token
     logits_indices: list[int] = []
     sampling_ids: list[str] = []
@@ -139,7 +152,14 @@ def prepare_inputs(
     def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-    input_ids, positions, meta = pack_sequences(sequences, block_size, device)
+    table = None
+    if block_table is not None:
+        rows = block_table.update(
+            (item.request.request_id, item.block_ids, item.num_unchanged_blocks)
+            for item in scheduled
+        )
+        table = block_table.gather(rows, max((len(i.block_ids) for i in scheduled), default=0))
+    input_ids, positions, meta = pack_sequences(sequences, block_size, device, table)
     return ModelInputs(
         input_ids=input_ids,
         positions=positions,
@@ -170,10 +190,14 @@ class ModelRunner:
         self.device = device
         self.sampler = Sampler()
         self.logits_processors = logits_processors
+        self.block_table = PersistentBlockTable()
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        inputs = prepare_inputs(output.scheduled, self.block_size, self.device)
+        # Preempted requests come back with a whole new table: their rows go too.
+        self.block_table.remove(output.finished_request_ids)
+        self.block_table.remove(output.preempted_request_ids)
+        inputs = prepare_inputs(output.scheduled, self.block_size, self.device, self.block_table)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         sampled: dict[str, SampledToken | list[SampledToken]] = {}
         spec_rows = [row for item in inputs.verify_items for row in verify_rows(item)]

@@ -24,10 +24,17 @@ states over the delta's characters only (amortised O(len(delta) x number of stop
 the length of the text or of the stop strings), and the held-back tail is the largest state, so
 neither the search nor the hold-back ever rescans earlier text. The failure tables are built
 once per distinct stop list and shared by the checkers of a request's samples.
+
+The text is kept as the list of appended deltas (joined only when the whole text is asked for,
+and then kept joined), so appending never copies the text so far: `text_since(start)` and
+`visible_text_since(start, ...)` give what a streaming output needs in time proportional to the
+new text, and `visible_length` is O(1). `visible_text` / `text` build the whole string (O(text)
+once per call after new deltas: what a cumulative output needs anyway).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 
@@ -60,7 +67,11 @@ class StopStringChecker:
         self.stop = tuple(s for s in stop if s)
         self.include_stop_str_in_output = include_stop_str_in_output
         self.matched: str | None = None  # the stop string that ended the text, once found
-        self._text = ""
+        # The text, as chunks (each a delta, or several joined): _ends[i] is the length of the
+        # text up to the end of _chunks[i]; _length the whole text's.
+        self._chunks: list[str] = []
+        self._ends: list[int] = []
+        self._length = 0
         self._tables = _failure_tables(self.stop)
         self._alphabet = _alphabet(self.stop)
         # Per stop: the length of the longest suffix of the text that is a prefix of it.
@@ -69,14 +80,48 @@ class StopStringChecker:
     @property
     def text(self) -> str:
         """All the text so far (cut at the stop string once one matched)."""
-        return self._text
+        if len(self._chunks) > 1:  # join once; later calls reuse the joined chunk
+            self._chunks = ["".join(self._chunks)]
+            self._ends = [self._length]
+        return self._chunks[0] if self._chunks else ""
+
+    def text_since(self, start: int, end: int | None = None) -> str:
+        """text[start:end], in time proportional to its length (not to the text's)."""
+        end = self._length if end is None else min(end, self._length)
+        if start >= end:
+            return ""
+        first = bisect.bisect_right(self._ends, start)  # the chunk holding character `start`
+        last = bisect.bisect_left(self._ends, end)  # the chunk holding character `end - 1`
+        offset = self._ends[first] - len(self._chunks[first])  # where chunk `first` starts
+        if first == last:
+            return self._chunks[first][start - offset : end - offset]
+        tail_offset = self._ends[last] - len(self._chunks[last])
+        return "".join(
+            [
+                self._chunks[first][start - offset :],
+                *self._chunks[first + 1 : last],
+                self._chunks[last][: end - tail_offset],
+            ]
+        )
+
+    def _cut(self, length: int) -> None:
+        """Keeps the first `length` characters of the text."""
+        last = bisect.bisect_left(self._ends, length)  # the chunk holding character length - 1
+        del self._chunks[last + 1 :], self._ends[last + 1 :]
+        if self._chunks:
+            offset = self._ends[last] - len(self._chunks[last])
+            self._chunks[last] = self._chunks[last][: length - offset]
+            self._ends[last] = length
+        self._length = length
 
     def append(self, delta: str, check: bool = True) -> str | None:
         """Adds text; returns the stop string that this text completed, if any (only once)."""
         if self.matched is not None or not delta:
             return None
-        start = len(self._text)
-        self._text += delta
+        start = self._length
+        self._chunks.append(delta)
+        self._length += len(delta)
+        self._ends.append(self._length)
         if not self.stop:
             return None
         stops, tables, states, alphabet = self.stop, self._tables, self._states, self._alphabet
@@ -99,21 +144,28 @@ class StopStringChecker:
                 states[j] = state
             if best is not None:
                 end = start + offset + 1
-                self._text = self._text[
-                    : end if self.include_stop_str_in_output else end - len(best)
-                ]
+                self._cut(end if self.include_stop_str_in_output else end - len(best))
                 self.matched = best
                 return best
         return None
 
-    def visible_text(self, finished: bool) -> str:
-        """The text a caller may be shown now: all of it once finished or matched; otherwise
-        without the tail that may still turn out to start a stop string."""
+    def visible_length(self, finished: bool) -> int:
+        """How much of the text a caller may be shown now: all of it once finished or matched;
+        otherwise without the tail that may still turn out to start a stop string."""
         if finished or self.matched is not None or not self.stop:
-            return self._text
+            return self._length
         if self.include_stop_str_in_output:
-            return self._text  # a match only cuts text after its own end, never shown text
-        return self._text[: len(self._text) - self._held_back()]
+            return self._length  # a match only cuts text after its own end, never shown text
+        return self._length - self._held_back()
+
+    def visible_text(self, finished: bool) -> str:
+        """The text a caller may be shown now (see `visible_length`)."""
+        return self.text[: self.visible_length(finished)]
+
+    def visible_text_since(self, start: int, finished: bool) -> str:
+        """visible_text(finished)[start:] in time proportional to its length: what a streamed
+        (DELTA) output adds after having shown `start` characters."""
+        return self.text_since(start, self.visible_length(finished))
 
     def _held_back(self) -> int:
         return max(self._states, default=0)

@@ -12,6 +12,10 @@ No chunking, no prefix caching, no block sharing: each block has exactly one own
 free blocks + blocks owned = num_blocks; a running request owns ceil(num_computed_tokens /
 block_size) blocks after each update; the oldest running request always makes progress, because
 a request that could outgrow the whole pool is rejected when it is added (LLMEngine.add_request).
+
+Each scheduled request carries a copy of its whole block table, and says nothing is unchanged
+(`num_unchanged_blocks` = 0), so the runner rewrites its row every step: simplest, and O(blocks)
+per request per step (the production scheduler hands only what changed).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class ReferenceScheduler:
         self.running: list[Request] = []  # in admission order
         self.block_tables: dict[str, list[int]] = {}
         self.num_preemptions = 0
+        self.finished_ids: list[str] = []  # ended since the last output that scheduled anything
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -162,7 +167,14 @@ class ReferenceScheduler:
             scheduled.append(self._scheduled(request))
             num_tokens += new_tokens
 
-        return SchedulerOutput(scheduled=tuple(scheduled), preempted_request_ids=tuple(preempted))
+        finished: tuple[str, ...] = ()
+        if scheduled:  # only outputs that schedule something reach the runner
+            finished, self.finished_ids = tuple(self.finished_ids), []
+        return SchedulerOutput(
+            scheduled=tuple(scheduled),
+            preempted_request_ids=tuple(preempted),
+            finished_request_ids=finished,
+        )
 
     def _scheduled(self, request: Request) -> ScheduledRequest:
         return ScheduledRequest(
@@ -201,3 +213,4 @@ class ReferenceScheduler:
         blocks = self.block_tables.pop(request.request_id, None)
         if blocks is not None:
             self.allocator.free(blocks)
+        self.finished_ids.append(request.request_id)

@@ -7,6 +7,7 @@ each request whose computed tokens then reach its total; `update_from_output()` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -21,17 +22,23 @@ class ScheduledRequest:
     request.all_token_ids + spec_token_ids; `sample` is true when that reaches the request's last
     token, so the step's logits at its last real token give its next token (and, with drafts,
     the logits at each draft position verify it).
+
+    `block_ids` is the request's whole block table (the production scheduler hands an immutable
+    snapshot of its persistent list, no copy); `num_unchanged_blocks` says how many of its
+    leading ids equal those of the request's previous ScheduledRequest, so the runner's
+    persistent block table rewrites only the rest (0, the default: rewrite the whole row).
     """
 
     request: Request
     num_computed_tokens: int
     num_new_tokens: int  # spec tokens included
-    block_ids: tuple[int, ...]  # the request's whole block table, in order
+    block_ids: Sequence[int]  # the request's whole block table, in order
     sample: bool
     # Draft tokens verified in this step: the last len(spec_token_ids) of the new tokens, which
     # are not the request's tokens yet. Logits at each of them and at the token before them are
     # scored; the rejection sampler keeps a prefix and adds one token.
     spec_token_ids: tuple[int, ...] = ()
+    num_unchanged_blocks: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -42,6 +49,10 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: tuple[ScheduledRequest, ...]
     preempted_request_ids: tuple[str, ...] = ()
+    # Requests that ended (finished or aborted) since the previous output that scheduled
+    # anything: the runner drops what it keeps per request (its block-table row). Only outputs
+    # with scheduled requests carry them (an empty output may never reach the runner).
+    finished_request_ids: tuple[str, ...] = ()
 
     @property
     def num_batched_tokens(self) -> int:

@@ -12,7 +12,13 @@ A registration is provisional until the step that writes the block succeeds: the
 entry registered since the last commit (the step may have written some layers' K/V, or none), so
 a block is served from the prefix cache only once a step that wrote it completed.
 
+Block ids: beside its blocks, each request has a `BlockIdList` of their ids (same order), kept
+up to date as blocks are added and cut, never rebuilt: `ids_for_step` hands a scheduled step the
+whole table as a snapshot (no copy) and how many leading ids the request's previous scheduled step
+carried unchanged, so the per-step work on block tables does not grow with a request's length.
+
 Invariants: `blocks(request)` lists distinct blocks, each holding one reference for this request;
+`_ids[request_id]` holds their ids in the same order;
 `_hashes[request_id][i]` is the chain hash of the request's i-th block, for its first
 len(_hashes) full blocks; a cache hit never covers a request's last token (its logits must be
 computed), so at most num_tokens - 1 tokens hit.
@@ -21,6 +27,7 @@ computed), so at most num_tokens - 1 tokens hit.
 from __future__ import annotations
 
 from engine.request import Request
+from engine.scheduler.block_ids import BlockIdList, BlockIdsSnapshot
 from engine.scheduler.block_pool import NONE_HASH, BlockHash, BlockPool, KVBlock
 
 
@@ -30,6 +37,7 @@ class KVCacheManager:
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
         self._blocks: dict[str, list[KVBlock]] = {}
+        self._ids: dict[str, BlockIdList] = {}  # the same blocks' ids, kept incrementally
         self._hashes: dict[str, list[BlockHash]] = {}
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
@@ -44,7 +52,19 @@ class KVCacheManager:
         return self._blocks.get(request_id, [])
 
     def block_ids(self, request_id: str) -> tuple[int, ...]:
-        return tuple(b.block_id for b in self._blocks.get(request_id, ()))
+        """The request's block ids in table order (a copy)."""
+        ids = self._ids.get(request_id)
+        return ids.as_tuple() if ids is not None else ()
+
+    def ids_for_step(self, request_id: str) -> tuple[BlockIdsSnapshot, int]:
+        """For a scheduled step: the request's whole block table (a snapshot, no copy) and how
+        many of its leading ids the request's previous scheduled step carried unchanged (0 for
+        a request whose blocks were freed since, or never scheduled). Counts this step as the
+        request's previous one from now on."""
+        ids = self._ids.get(request_id)
+        if ids is None:
+            return BlockIdsSnapshot([], 0), 0
+        return ids.take_for_step()
 
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -88,6 +108,7 @@ class KVCacheManager:
         """
         computed_blocks = computed_blocks or []
         blocks = self._blocks.setdefault(request.request_id, [])
+        ids = self._ids.setdefault(request.request_id, BlockIdList())
         num_tokens = request.num_computed_tokens + num_new_tokens
         need = (
             self.num_blocks_for(num_tokens + num_lookahead_tokens)
@@ -99,11 +120,15 @@ class KVCacheManager:
         if max(need, 0) + unheld_hits > self.pool.num_free_blocks:
             if not blocks:
                 del self._blocks[request.request_id]
+                del self._ids[request.request_id]
             return False
         self.pool.touch(computed_blocks)
         blocks.extend(computed_blocks)
+        ids.extend(b.block_id for b in computed_blocks)
         if need > 0:
-            blocks.extend(self.pool.allocate(need))
+            new_blocks = self.pool.allocate(need)
+            blocks.extend(new_blocks)
+            ids.extend(b.block_id for b in new_blocks)
         # Speculative tokens are not the request's tokens yet: never cache them.
         self._cache_full_blocks(request, min(num_tokens, request.num_tokens))
         return True
@@ -136,6 +161,7 @@ class KVCacheManager:
         """Releases the request's blocks, last block first, so that when they are evicted the
         end of a prefix goes before its beginning."""
         blocks = self._blocks.pop(request.request_id, [])
+        self._ids.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
         self.pool.free(reversed(blocks))
 
@@ -152,6 +178,7 @@ class KVCacheManager:
         keep = self.num_blocks_for(num_tokens)
         extra = blocks[keep:]
         del blocks[keep:]
+        self._ids[request.request_id].truncate(keep)
         self.pool.free(reversed(extra))
         hashes = self._hashes.get(request.request_id)
         if hashes is not None:

@@ -20,6 +20,11 @@ Invariants: per step, the tokens scheduled <= max_num_batched_tokens and the req
 <= max_num_seqs; a running request's block table covers its computed tokens; a request whose
 tokens can never fit the whole pool is rejected when added (see `check_fits`), so preemption
 always ends: the oldest running request always fits.
+
+Block tables are not rebuilt per step: each scheduled request carries a snapshot of its
+persistent block-id list and how many leading ids are unchanged since its previous scheduled
+step (`KVCacheManager.ids_for_step`); requests that ended are reported once, in the next output
+that schedules anything (`SchedulerOutput.finished_request_ids`), so the runner can drop its row.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class DefaultScheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self._finished_ids: list[str] = []  # ended since the last non-empty output
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -150,18 +156,28 @@ class DefaultScheduler:
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
 
-        return SchedulerOutput(scheduled=tuple(scheduled), preempted_request_ids=tuple(preempted))
+        finished: tuple[str, ...] = ()
+        if scheduled:
+            finished = tuple(self._finished_ids)
+            self._finished_ids.clear()
+        return SchedulerOutput(
+            scheduled=tuple(scheduled),
+            preempted_request_ids=tuple(preempted),
+            finished_request_ids=finished,
+        )
 
     def _scheduled(
         self, request: Request, num_new: int, spec: tuple[int, ...] = ()
     ) -> ScheduledRequest:
+        block_ids, num_unchanged = self.kv.ids_for_step(request.request_id)
         return ScheduledRequest(
             request=request,
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
-            block_ids=self.kv.block_ids(request.request_id),
+            block_ids=block_ids,
             sample=request.num_computed_tokens + num_new - len(spec) == request.num_tokens,
             spec_token_ids=spec,
+            num_unchanged_blocks=num_unchanged,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -227,4 +243,5 @@ class DefaultScheduler:
             self.waiting.remove(request)
         request.status = status
         self.kv.free(request)
-        self.requests.pop(request.request_id, None)
+        if self.requests.pop(request.request_id, None) is not None:
+            self._finished_ids.append(request.request_id)
