@@ -1,0 +1,265 @@
+"""Engine replicas behind Ray Serve, on a local Ray cluster this module starts (CPU, a tiny
+random-weight Llama, two replicas of one thread each).
+
+What it proves: the openai SDK gets, through Ray Serve's proxy, the same streamed and
+non-streamed answers as from `engine.server` directly; requests sharing a prompt prefix land on
+the replica the routing policy names for it (and different prefixes spread over both); /metrics
+holds both replicas' series; a client that disconnects mid-stream has its request aborted on the
+replica; and after one replica's actor is killed every request is still answered, by the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed (pip install -e .[ray])")
+serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
+
+import aiohttp  # noqa: E402
+from openai import OpenAI  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from engine import EngineArgs, LLMEngine  # noqa: E402
+from engine.serve.ingress import REPLICA_HEADER  # noqa: E402
+from engine.serve.ray import REPLICA_NAME, app_builder, build_app, build_parser  # noqa: E402
+from engine.serve.routing import rendezvous_order, routing_key  # noqa: E402
+from engine.server import OpenAIServer, ServerConfig, ServerThread  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = "engine-test"
+MODEL = "tiny"
+# float64: served and direct answers must agree token for token (no near-tie flips).
+ENGINE_FLAGS = ["--dtype", "float64", "--max-model-len", "512", "--kv-cache-memory-bytes", "16MiB"]
+SHARED = "The quick brown fox jumps over the lazy dog near the river bank. " * 6  # ~390 chars
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def direct(llama_path):
+    """The reference: the same checkpoint and flags served by `engine.server` in-process."""
+    args = EngineArgs(
+        model=str(llama_path), dtype="float64", max_model_len=512, kv_cache_memory_bytes=16 * 2**20
+    )
+    config = ServerConfig(served_model_names=(MODEL,), log_stats_interval=None, access_log=False)
+    with ServerThread(OpenAIServer(LLMEngine(args), config)) as thread:
+        yield thread.url
+
+
+@pytest.fixture(scope="module")
+def served(llama_path):
+    """The Ray Serve application's base URL (2 replicas, 1 thread each)."""
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        argv = [
+            "--model", str(llama_path), "--served-model-name", MODEL, "--replicas", "2",
+            "--num-threads-per-replica", "1", "--disable-log-stats", "--disable-access-log",
+            *ENGINE_FLAGS,
+        ]  # fmt: skip
+        serve.run(build_app(build_parser().parse_args(argv)), name=APP, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _get(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict[str, str], dict]:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
+
+
+def _metrics(base: str) -> dict[str, list]:
+    status, _, body = _get(base + "/metrics")
+    assert status == 200, body
+    return {f.name: f.samples for f in text_string_to_metric_families(body.decode())}
+
+
+def _replicas(base: str) -> list[str]:
+    samples = _metrics(base)["vllm:num_requests_running"]
+    return sorted({s.labels["replica"] for s in samples})
+
+
+def _answers(base: str) -> dict[str, str]:
+    """Greedy completions and chats through the openai SDK, streamed and not."""
+    client = OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+    prompt = SHARED + "Tell me a story."
+    messages = [{"role": "user", "content": "Hello there, who are you?"}]
+    out = {}
+    out["completion"] = (
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+        .choices[0]
+        .text
+    )
+    stream = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True
+    )
+    out["completion-stream"] = "".join(c.choices[0].text for c in stream if c.choices)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=12, temperature=0
+    )
+    out["chat"] = chat.choices[0].message.content
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage:
+            usage = chunk.usage.completion_tokens
+    out["chat-stream"] = "".join(pieces)
+    out["chat-stream-usage"] = str(usage)
+    return out
+
+
+def test_openai_sdk_answers_equal_the_direct_server(served, direct):
+    through_ray = _answers(served)
+    assert through_ray == _answers(direct)
+    assert through_ray["completion"] == through_ray["completion-stream"] != ""
+    assert through_ray["chat"] == through_ray["chat-stream"] != ""
+    assert through_ray["chat-stream-usage"] == "12"
+    # The other routes answer as the server does, errors included (OpenAI's JSON).
+    models = [json.loads(_get(base + "/v1/models")[2])["data"] for base in (served, direct)]
+    for cards in models:
+        for card in cards:
+            card.pop("created")
+    assert models[0] == models[1] != []
+    tokenized = {"model": MODEL, "prompt": "Hello world"}
+    assert _post(served + "/tokenize", tokenized)[2] == _post(direct + "/tokenize", tokenized)[2]
+    assert _get(served + "/health")[0] == 200
+    bad = {"model": MODEL, "prompt": "x", "temperature": -1}
+    status, headers, body = _post(served + "/v1/completions", bad)
+    assert (status, body) == _post(direct + "/v1/completions", bad)[::2]
+    assert status == 400 and body["error"]["param"] == "temperature"
+    assert headers[REPLICA_HEADER]
+
+
+def test_shared_prefixes_land_on_the_replica_that_owns_them(served):
+    replicas = _replicas(served)
+    assert len(replicas) == 2
+    used = set()
+    for i in range(10):
+        prefix = f"Document {i}: " + SHARED  # a distinct prefix per i
+        owner = rendezvous_order(routing_key("/v1/completions", {"prompt": prefix}), replicas)[0]
+        for question in ("Summarise it.", "What is the second word?", "Translate it."):
+            body = {"model": MODEL, "prompt": prefix + question, "max_tokens": 2}
+            status, headers, _ = _post(served + "/v1/completions", body)
+            assert status == 200
+            assert headers[REPLICA_HEADER] == owner, (i, question)
+        used.add(owner)
+    assert used == set(replicas)  # the prefixes spread over both (2**-9 odds to fail by chance)
+    # Each replica reused its prefixes' KV blocks.
+    hits = {s.labels["replica"]: s.value for s in _metrics(served)["vllm:prefix_cache_hits"]}
+    assert set(hits) == set(replicas) and min(hits.values()) > 0
+
+
+def test_metrics_hold_every_replica(served):
+    families = _metrics(served)
+    assert families["engine_serve_replicas"][0].value == 2
+    for name in ("vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens"):
+        assert {s.labels["replica"] for s in families[name]} == set(_replicas(served)), name
+        assert all(s.labels["model_name"] == MODEL for s in families[name])
+
+
+def test_a_client_that_disconnects_mid_stream_aborts_on_the_replica(served):
+    def aborted() -> float:
+        samples = _metrics(served)["vllm:request_success"]
+        return sum(s.value for s in samples if s.labels["finished_reason"] == "abort")
+
+    before = aborted()
+
+    async def read_a_little() -> None:
+        body = {"model": MODEL, "prompt": "Count: ", "max_tokens": 400, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(served + "/v1/completions", json=body) as response,
+        ):
+            assert response.status == 200
+            await response.content.readline()  # the first event, then hang up
+
+    asyncio.run(read_a_little())
+    deadline = time.monotonic() + 30
+    while aborted() < before + 1:
+        assert time.monotonic() < deadline, "the request was not aborted on the replica"
+        time.sleep(0.2)
+    running = _metrics(served)["vllm:num_requests_running"]
+    assert all(s.value == 0 for s in running)
+
+
+def test_killing_a_replica_leaves_the_other_serving(served, direct):
+    replicas = _replicas(served)
+    victim = replicas[0]
+    actor = ray.get_actor(f"SERVE_REPLICA::{APP}#{REPLICA_NAME}#{victim}", namespace="serve")
+    ray.kill(actor, no_restart=True)
+    expected = _answers(direct)
+    # Prompts of both owners: the victim's go to the survivor (or to Serve's replacement).
+    for i in range(8):
+        body = {"model": MODEL, "prompt": f"Document {i}: " + SHARED, "max_tokens": 4}
+        status, headers, answer = _post(served + "/v1/completions", body)
+        assert status == 200, answer
+        assert headers[REPLICA_HEADER] != victim
+    assert _answers(served) == expected  # streamed and not, after the kill
+
+
+def test_app_builder_takes_the_flags_by_name(llama_path):
+    app = app_builder({"model": str(llama_path), "replicas": 3, "enable_prefix_caching": False,
+                       "served_model_name": [MODEL], "routing_prefix_chars": 128})  # fmt: skip
+    assert app is not None
+    with pytest.raises(ValueError, match="no_such_flag"):
+        app_builder({"model": str(llama_path), "no_such_flag": 1})
+    with pytest.raises(ValueError, match="--replicas"):
+        app_builder({"model": str(llama_path), "replicas": 0})
+
+
+def test_the_config_example_is_a_valid_serve_config():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    for path in sorted((ROOT / "examples").glob("ray_serve*.yaml")):
+        config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+        for application in config.applications:
+            assert application.import_path == "engine.serve.ray:app_builder", path
+            module, _, name = application.import_path.partition(":")
+            builder = getattr(__import__(module, fromlist=[name]), name)
+            args = dict(application.args)
+            args["model"] = "demo"  # the example's path need not exist here
+            assert builder(args) is not None
