@@ -63,6 +63,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     # None (the checkpoint's own format), "int8", "int4", "gguf" or "none"; engine/quantization
     quantization: str | None = None
+    tensor_parallel_size: int = 1  # ranks the model is sharded over (engine/distributed)
 
     @property
     def is_gguf(self) -> bool:
@@ -81,6 +82,12 @@ class ModelConfig:
     def num_kv_heads(self) -> int:
         cfg = self.hf_config
         return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+
+    @property
+    def num_kv_heads_per_rank(self) -> int:
+        """KV heads each rank's cache holds: an even share, or one (replicated) when there are
+        fewer KV heads than ranks (layers.kv_head_slice)."""
+        return max(1, self.num_kv_heads // self.tensor_parallel_size)
 
     @property
     def head_dim(self) -> int:
@@ -352,6 +359,7 @@ class EngineArgs:
             eos_token_ids=_eos_token_ids(model_path, hf_config),
             trust_remote_code=self.trust_remote_code,
             quantization=self.quantization,
+            tensor_parallel_size=self.tensor_parallel_size,
         )
 
     @property
@@ -435,6 +443,11 @@ def resolve_model_path(model: str, revision: str | None = None) -> Path:
             "Pass the path of a local checkpoint directory."
         ) from e
     return Path(local)
+
+
+def resolve_device(device: str) -> torch.device:
+    """EngineArgs.device ("auto", "cpu", "cuda", "cuda:1", ...) -> a torch.device."""
+    return _resolve_device(device)
 
 
 def _resolve_device(device: str) -> torch.device:

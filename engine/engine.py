@@ -19,12 +19,15 @@ import functools
 import logging
 import random
 import time
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine.config import EngineArgs
 from engine.cpu_malloc import tune_cpu_allocator
+from engine.distributed.executor import TensorParallelExecutor, TensorParallelModel
+from engine.distributed.parallel_state import model_parallel
 from engine.fast.registry import get_attention_backend
 from engine.kv_cache import (
     CudaMemoryBaseline,
@@ -88,6 +91,14 @@ class _Group:
 
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
+        self.executor: TensorParallelExecutor | None = None
+        try:
+            self._init(args)
+        except BaseException:
+            self.shutdown()  # workers already started must not outlive a failed start-up
+            raise
+
+    def _init(self, args: EngineArgs) -> None:
         self.args = args
         self.model_config = args.create_model_config()
         self.scheduler_config = args.create_scheduler_config(self.model_config)
@@ -109,7 +120,17 @@ class LLMEngine:
             # Gemma 2's attention soft-capping: `auto` must skip backends that cannot cap.
             needs_softcap=getattr(hf_config, "attn_logit_softcapping", None) is not None,
         )
-        self.model = load_model(self.model_config, self.attention_backend)
+        # Tensor parallelism: workers started (or joined, under torchrun) before loading, so
+        # that every rank loads its shard at once; rank 0's shard behind a broadcasting proxy.
+        if args.tensor_parallel_size > 1:
+            self.executor = TensorParallelExecutor.create(args, self.model_config.device)
+            # Stops the workers when the engine is collected or the interpreter exits.
+            self._finalizer = weakref.finalize(self, self.executor.shutdown)
+            with model_parallel(self.executor.tp):
+                shard = load_model(self.model_config, self.attention_backend)
+            self.model = TensorParallelModel(shard, self.executor)
+        else:
+            self.model = load_model(self.model_config, self.attention_backend)
         self.speculator: Speculator | None = None
         draft_config = None
         if args.speculative_config is not None:
@@ -134,6 +155,10 @@ class LLMEngine:
             args, self.model_config, draft_config, profiled_bytes
         )
         kv_caches = allocate_kv_cache(self.model_config, self.cache_config)
+        if isinstance(self.model, TensorParallelModel):
+            assert self.executor is not None
+            self.model.kv_caches = kv_caches
+            self.executor.init_cache(self.cache_config.num_blocks, self.cache_config.block_size)
         processors = LogitsProcessors.build(
             args.logits_processors,
             EngineConfigView(self.model_config, self.scheduler_config, args),
@@ -180,6 +205,13 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
+
+    def shutdown(self) -> None:
+        """Releases what outlives the engine object: with tensor parallelism, stops the worker
+        processes and the process group (also done when the engine is collected and at exit).
+        Idempotent; without tensor parallelism there is nothing to release."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     # ---- requests ----------------------------------------------------------------------------
 

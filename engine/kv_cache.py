@@ -13,6 +13,11 @@ and the blocks are counted with the draft's cache (which has as many blocks) inc
 fixed budget capped by what `max_num_seqs` requests of `max_model_len` tokens could use.
 `num_gpu_blocks_override` replaces the computed count outright. An explicit budget or the CPU
 one counts the target's cache only.
+
+Tensor parallelism: budgets are per rank (as vLLM's gpu_memory_utilization is per GPU), and a
+rank's block holds its own KV heads (`ModelConfig.num_kv_heads_per_rank`), so TP=n has n times
+the blocks of TP=1 for the same budget when the KV heads split evenly. Every rank allocates the
+block count rank 0 decides.
 """
 
 from __future__ import annotations
@@ -38,9 +43,10 @@ class LayerKVCache:
 
 
 def bytes_per_block(model_config: ModelConfig, block_size: int) -> int:
-    """Bytes one block takes over all layers, K and V together."""
+    """Bytes one block takes over all layers, K and V together, on one rank (with tensor
+    parallelism each rank holds the blocks of its own KV heads)."""
     element_size = torch.empty((), dtype=model_config.dtype).element_size()
-    per_token = 2 * model_config.num_kv_heads * model_config.head_dim * element_size
+    per_token = 2 * model_config.num_kv_heads_per_rank * model_config.head_dim * element_size
     return per_token * block_size * model_config.num_layers
 
 
@@ -229,7 +235,7 @@ def allocate_kv_cache(model_config: ModelConfig, cache_config: CacheConfig) -> l
     shape = (
         cache_config.num_blocks,
         cache_config.block_size,
-        model_config.num_kv_heads,
+        model_config.num_kv_heads_per_rank,
         model_config.head_dim,
     )
     kwargs = {"dtype": model_config.dtype, "device": model_config.device}

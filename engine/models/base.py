@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from engine.attention import AttentionMetadata
+from engine.distributed.parallel_state import current_tp
 from engine.kv_cache import LayerKVCache
 from engine.models.layers import (
     Attention,
@@ -31,7 +32,10 @@ from engine.models.layers import (
     LinearMethod,
     NormFactory,
     UnquantizedLinearMethod,
+    VocabParallelEmbedding,
     default_linear_method,
+    gather_logits,
+    lm_head_linear,
 )
 from engine.models.rotary import RotaryEmbedding
 from engine.models.weight_mapper import WeightMapper, hf_checkpoint_name
@@ -120,14 +124,9 @@ class CausalLM(nn.Module):
         self.hf_config = cfg
         self.architecture = architecture
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.embed_tokens = nn.Embedding(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            device=device,
-            _freeze=True,
-            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
-        )
+        self.tp = current_tp()
+        self.vocab_size = int(cfg.vocab_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         # As transformers: the scale is a float32 scalar cast to the model dtype.
         self.embed_scale = (
             None if embed_scale is None else float(torch.tensor(embed_scale).to(dtype))
@@ -135,7 +134,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.rotaries = nn.ModuleDict(rotaries)
         self.norm = norm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        self.lm_head = lm_head_linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
         self.final_logit_softcapping = final_logit_softcapping
         self.checkpoint_name = checkpoint_name
 
@@ -158,7 +157,10 @@ class CausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
-        logits = self.lm_head(hidden)
+        """With tensor parallelism rank 0 gets the gathered logits, the others None."""
+        logits = gather_logits(self.lm_head(hidden), self.tp, self.vocab_size)
+        if logits is None:
+            return None  # type: ignore[return-value]
         cap = self.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -14,13 +14,30 @@ int8 or int4 codes with scales) and free the plain copy. From then on `Linear.fo
 and every fast method is tested against that reference. A fused linear (q/k/v in one
 `qkv_proj`, gate/up in one `gate_up_proj`) names its row shards (`shard_names`,
 `output_sizes`), so the weight mapper (weight_mapper.py) can fill it from split or fused
-checkpoint tensors; tensor parallelism would shard the same rows.
+checkpoint tensors.
+
+Tensor parallelism (Megatron's scheme, engine/distributed): layers built inside
+`parallel_state.model_parallel(tp)` hold only their rank's share, and the weight mapper fills
+them from full checkpoint tensors through `Linear.checkpoint_transform`:
+
+    column-parallel  each row shard (q, k, v / gate, up / the vocabulary) keeps the rows
+                     `RowSlice(full, start, size)` of its full tensor; no communication
+    row-parallel     the input columns `col_slice`; the partial products are summed over the
+                     ranks (one all-reduce) unless `reduce_results` is False (the caller
+                     reduces, e.g. an MoE block once for its experts and shared expert); the
+                     bias is added on rank 0 only (other ranks hold zeros)
+    vocab-parallel   `VocabParallelEmbedding`: rank r holds vocabulary rows [r V/n, (r+1) V/n)
+                     of the vocabulary padded to a multiple of n; ids outside give zeros, one
+                     all-reduce sums the ranks' lookups
+Attention splits its query heads evenly and its KV heads evenly, or, with fewer KV heads than
+ranks, gives each rank the one KV head its query heads use (replicated, as vLLM does).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,12 +45,65 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.distributed.communication import all_reduce
+from engine.distributed.parallel_state import TPGroup, current_tp
 from engine.kv_cache import LayerKVCache
 from engine.models.rotary import apply_rope
 
 
 def empty_param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+# ---- tensor-parallel slices -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RowSlice:
+    """The part [start, start + size) of a dimension of `full` elements this rank holds."""
+
+    full: int
+    start: int
+    size: int
+
+    def take(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        if t.shape[dim] < self.full:  # a padded dimension (the vocabulary): zeros past the end
+            pad_shape = list(t.shape)
+            pad_shape[dim] = self.full - t.shape[dim]
+            t = torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
+        return t.narrow(dim, self.start, self.size).contiguous()
+
+
+def even_slice(full: int, tp: TPGroup, what: str, unit: int = 1) -> RowSlice:
+    """Rank tp.rank's equal share of `full` units of `unit` elements (ValueError naming `what`
+    when the units do not divide evenly)."""
+    if full % tp.size:
+        raise ValueError(
+            f"tensor_parallel_size {tp.size} does not divide {what} ({full}); choose a "
+            "tensor_parallel_size that does"
+        )
+    size = full // tp.size
+    return RowSlice(full * unit, tp.rank * size * unit, size * unit)
+
+
+def kv_head_slice(num_kv_heads: int, num_heads: int, tp: TPGroup) -> tuple[int, int]:
+    """(first KV head, KV heads) of this rank: an even split, or with fewer KV heads than ranks
+    the one KV head the rank's query heads read (replicated over tp.size / num_kv_heads ranks)."""
+    if num_kv_heads >= tp.size:
+        if num_kv_heads % tp.size:
+            raise ValueError(
+                f"tensor_parallel_size {tp.size} does not divide num_key_value_heads "
+                f"({num_kv_heads})"
+            )
+        local = num_kv_heads // tp.size
+        return tp.rank * local, local
+    if tp.size % num_kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({num_kv_heads}) must divide tensor_parallel_size ({tp.size}) "
+            "when it is smaller (the KV heads are then replicated)"
+        )
+    first_q_head = tp.rank * (num_heads // tp.size)
+    return first_q_head // (num_heads // num_kv_heads), 1
 
 
 # ---- linear methods ------------------------------------------------------------------------
@@ -225,8 +295,24 @@ class Linear(nn.Module):
         device: torch.device,
         output_sizes: Sequence[int] | None = None,
         shard_names: Sequence[str] | None = None,
+        *,
+        row_slices: Sequence[RowSlice] | None = None,
+        col_slice: RowSlice | None = None,
+        reduce_results: bool = True,
+        tp: TPGroup | None = None,
     ) -> None:
+        """Sizes are this rank's. Tensor parallelism (with a non-trivial `tp`): `row_slices`
+        (column-parallel: one per output shard, the rows of the full shard held here) or
+        `col_slice` (row-parallel: the input columns held here)."""
         super().__init__()
+        self.tp = tp if tp is not None else current_tp()
+        if not self.tp.is_parallel:
+            row_slices = col_slice = None
+        if row_slices is not None and col_slice is not None:
+            raise ValueError("a linear layer is column- or row-parallel, not both")
+        self.row_slices = tuple(row_slices) if row_slices is not None else None
+        self.col_slice = col_slice
+        self.reduce_results = reduce_results
         self.in_features = in_features
         self.out_features = out_features
         self.output_sizes = tuple(output_sizes) if output_sizes else (out_features,)
@@ -251,12 +337,75 @@ class Linear(nn.Module):
             offset += size
         return out
 
+    @property
+    def parallel(self) -> str | None:
+        """The mode: "column", "row" or None (the whole layer on every rank)."""
+        if self.row_slices is not None:
+            return "column"
+        return "row" if self.col_slice is not None else None
+
+    def checkpoint_transform(
+        self, suffix: str, shard_index: int | None
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """Full checkpoint tensor -> this rank's part, for `suffix` ("weight" / "bias") of shard
+        `shard_index` (None: a tensor covering every shard, e.g. Phi-3's fused qkv_proj)."""
+        if self.row_slices is not None:
+            slices = self.row_slices
+            if shard_index is not None:
+                return slices[shard_index].take
+            if len(slices) == 1:
+                return slices[0].take
+
+            def split_fused(t: torch.Tensor) -> torch.Tensor:
+                parts = t.split([s.full for s in slices], dim=0)
+                return torch.cat([s.take(p) for s, p in zip(slices, parts, strict=True)])
+
+            return split_fused
+        if self.col_slice is not None:
+            if suffix == "bias":  # added once: on rank 0
+                return (lambda t: t) if self.tp.rank == 0 else torch.zeros_like
+            col = self.col_slice
+            return lambda t: col.take(t, dim=1)
+        return None
+
+    def shard_quantized(
+        self, parts: list[tuple[torch.Tensor, ...]], group_size: int
+    ) -> tuple[torch.Tensor, ...] | None:
+        """Group-quantized checkpoint tensors (codes [rows, in], scale, zero [rows, in / G]),
+        one per source in row order (one per shard, or one fused tensor) -> this rank's part,
+        concatenated. None when this rank's input columns do not start and end on group
+        boundaries (the caller falls back to the float weight)."""
+        if self.row_slices is not None:
+            slices = self.row_slices
+            if len(parts) == 1 and len(slices) > 1:  # one fused tensor: split it by shard
+                fused = parts[0]
+                parts = list(
+                    zip(*(t.split([s.full for s in slices], dim=0) for t in fused), strict=True)
+                )
+            return tuple(
+                torch.cat([s.take(part[i]) for s, part in zip(slices, parts, strict=True)])
+                for i in range(len(parts[0]))
+            )
+        joined = tuple(torch.cat([p[i] for p in parts]) for i in range(len(parts[0])))
+        if self.col_slice is None:
+            return joined
+        col = self.col_slice
+        if col.start % group_size or col.size % group_size:
+            return None
+        groups = RowSlice(col.full // group_size, col.start // group_size, col.size // group_size)
+        q, *scales = joined
+        return (col.take(q, dim=1), *(groups.take(t, dim=1) for t in scales))
+
     def process_weights_after_loading(self, method: LinearMethod) -> None:
         self.method = method
         method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out]
-        return self.method.apply(self, x)
+        out = self.method.apply(self, x)
+        if self.col_slice is not None and self.reduce_results:
+            out = out.contiguous()
+            all_reduce(out, self.tp)  # the ranks' partial products: the full product
+        return out
 
     def dequantized_weight(self) -> torch.Tensor:  # [out, in]: the reference weight
         return self.method.dequantized_weight(self)
@@ -377,13 +526,18 @@ class Attention(nn.Module):
         backend_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
+        tp = current_tp()
+        # This rank's heads (all of them without tensor parallelism).
+        q_slice = even_slice(num_heads, tp, "num_attention_heads", unit=head_dim)
+        first_kv, local_kv = kv_head_slice(num_kv_heads, num_heads, tp)
+        kv_slice = RowSlice(num_kv_heads * head_dim, first_kv * head_dim, local_kv * head_dim)
+        self.num_heads = num_heads // tp.size
+        self.num_kv_heads = local_kv
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.backend = backend
-        self.q_size = num_heads * head_dim
-        self.kv_size = num_kv_heads * head_dim
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
         self.qkv_proj = Linear(
             hidden_size,
             self.q_size + 2 * self.kv_size,
@@ -392,8 +546,12 @@ class Attention(nn.Module):
             device,
             output_sizes=(self.q_size, self.kv_size, self.kv_size),
             shard_names=("q_proj", "k_proj", "v_proj"),
+            row_slices=(q_slice, kv_slice, kv_slice),
+            tp=tp,
         )
-        self.o_proj = Linear(self.q_size, hidden_size, o_bias, dtype, device)
+        self.o_proj = Linear(
+            self.q_size, hidden_size, o_bias, dtype, device, col_slice=q_slice, tp=tp
+        )
         self.q_norm = q_norm
         self.k_norm = k_norm
         self.rotary = rotary
@@ -461,20 +619,37 @@ class GatedMLP(nn.Module):
         hidden_act: str,
         dtype: torch.dtype,
         device: torch.device,
+        reduce_results: bool = True,
     ) -> None:
+        """With tensor parallelism gate/up are column-parallel and down row-parallel over the
+        intermediate dimension; `reduce_results` False leaves the sum over the ranks to the
+        caller."""
         super().__init__()
+        tp = current_tp()
+        inter = even_slice(intermediate_size, tp, "intermediate_size")
         self.act = activation(hidden_act)
-        self.intermediate_size = intermediate_size
+        self.intermediate_size = inter.size
         self.gate_up_proj = Linear(
             hidden_size,
-            2 * intermediate_size,
+            2 * inter.size,
             bias,
             dtype,
             device,
-            output_sizes=(intermediate_size, intermediate_size),
+            output_sizes=(inter.size, inter.size),
             shard_names=("gate_proj", "up_proj"),
+            row_slices=(inter, inter),
+            tp=tp,
         )
-        self.down_proj = Linear(intermediate_size, hidden_size, bias, dtype, device)
+        self.down_proj = Linear(
+            inter.size,
+            hidden_size,
+            bias,
+            dtype,
+            device,
+            col_slice=inter,
+            reduce_results=reduce_results,
+            tp=tp,
+        )
         # act(gate) * up has channels 100x the rest: int8 activations there garbled SmolLM2's
         # answers (measured: every other projection with int8 activations kept them).
         self.down_proj.quantizable_input = False
@@ -485,3 +660,68 @@ class GatedMLP(nn.Module):
         # act(gate) is a fresh contiguous tensor: multiply by up in place (one tensor fewer),
         # and the down projection reads it without a copy.
         return self.down_proj(self.act(gate_up[..., :size]).mul_(gate_up[..., size:]))
+
+
+# ---- vocabulary ---------------------------------------------------------------------------
+
+
+def vocab_slice(vocab_size: int, tp: TPGroup) -> RowSlice:
+    """This rank's rows of the vocabulary padded up to a multiple of tp.size."""
+    padded = -(-vocab_size // tp.size) * tp.size
+    return even_slice(padded, tp, "the padded vocabulary")
+
+
+class VocabParallelEmbedding(nn.Module):
+    """The token embedding [V, H]; with tensor parallelism rank r holds the rows `vocab`
+    (zeros past the real vocabulary) and the ranks' lookups are summed (ids outside a rank's
+    rows look up zeros there). Without it, `F.embedding` as nn.Embedding does."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.tp = current_tp()
+        self.num_embeddings = vocab_size
+        self.embedding_dim = hidden_size
+        self.vocab = vocab_slice(vocab_size, self.tp)
+        rows = self.vocab.size if self.tp.is_parallel else vocab_size
+        self.weight = empty_param(rows, hidden_size, dtype=dtype, device=device)
+
+    def checkpoint_transform(
+        self, suffix: str, shard_index: int | None
+    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.vocab.take if self.tp.is_parallel else None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        if not self.tp.is_parallel:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab.start
+        outside = (local < 0) | (local >= self.vocab.size)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0)
+        return all_reduce(out, self.tp)
+
+
+def lm_head_linear(
+    hidden_size: int, vocab_size: int, dtype: torch.dtype, device: torch.device
+) -> Linear:
+    """The LM head: column-parallel over the padded vocabulary with tensor parallelism (the
+    same rows as `VocabParallelEmbedding`, so a tied head shares the embedding's shard)."""
+    tp = current_tp()
+    if not tp.is_parallel:
+        return Linear(hidden_size, vocab_size, False, dtype, device)
+    vocab = vocab_slice(vocab_size, tp)
+    return Linear(hidden_size, vocab.size, False, dtype, device, row_slices=(vocab,), tp=tp)
+
+
+def gather_logits(logits: torch.Tensor, tp: TPGroup, vocab_size: int) -> torch.Tensor | None:
+    """The ranks' vocabulary pieces [N, V/n] -> [N, V] on rank 0 (padding dropped); None on
+    the other ranks. Identity without tensor parallelism."""
+    if not tp.is_parallel:
+        return logits
+    from engine.distributed.communication import gather_last_dim
+
+    full = gather_last_dim(logits, tp)
+    if full is None:
+        return None
+    return full if full.shape[-1] == vocab_size else full[..., :vocab_size].contiguous()

@@ -34,6 +34,7 @@ from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import hf_head_dim
+from engine.distributed.parallel_state import current_tp
 from engine.kv_cache import LayerKVCache
 from engine.models.layers import (  # noqa: F401 - re-exported for benches and tests
     Attention,
@@ -42,8 +43,11 @@ from engine.models.layers import (  # noqa: F401 - re-exported for benches and t
     LinearMethod,
     RMSNorm,
     UnquantizedLinearMethod,
+    VocabParallelEmbedding,
     can_pack_for_cpu,
     default_linear_method,
+    gather_logits,
+    lm_head_linear,
     onednn_linear,
     pack_weight,
 )
@@ -152,14 +156,9 @@ class LlamaForCausalLM(nn.Module):
         self.hf_config = cfg
         self.architecture = architecture
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.embed_tokens = nn.Embedding(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=dtype,
-            device=device,
-            _freeze=True,
-            _weight=torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device),
-        )
+        self.tp = current_tp()
+        self.vocab_size = int(cfg.vocab_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, device)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, architecture, i, backend, dtype, device)
             for i in range(cfg.num_hidden_layers)
@@ -168,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         head_dim = self.layers[0].self_attn.head_dim
         self.rotary = RotaryEmbedding.from_config(cfg, head_dim, max_model_len, dtype, device)
         # A tied head gets the embedding's values after loading (see process_weights).
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, dtype, device)
+        self.lm_head = lm_head_linear(cfg.hidden_size, cfg.vocab_size, dtype, device)
 
     def forward(
         self,
@@ -184,7 +183,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V]
-        return self.lm_head(hidden)
+        """With tensor parallelism rank 0 gets the gathered logits, the others None."""
+        return gather_logits(self.lm_head(hidden), self.tp, self.vocab_size)  # type: ignore[return-value]
 
     # ---- loading ---------------------------------------------------------------------------
 

@@ -16,6 +16,11 @@ out[t] = sum_j weight[t, j] * expert_{id[t, j]}(x[t]):
   single `torch._grouped_mm` call per projection where that kernel runs: float32 / 16-bit), and
   one weighted scatter-add back. Experts that receive no token cost nothing.
 
+Tensor parallelism shards every expert by its intermediate dimension (not experts over
+ranks): each rank computes every routed expert on its slice of gate/up rows and down columns,
+and the shared expert likewise; the partial outputs are summed by one all-reduce per block. The
+router is replicated, so every rank routes identically.
+
 `SparseMoeBlock` wraps router, experts and Qwen2-MoE's shared expert (a dense gated MLP whose
 output is scaled by sigmoid(shared_expert_gate(x)) and added). Invariant: both implementations
 agree to rounding for any routing, including experts with no token (tests/property/test_moe.py).
@@ -23,13 +28,16 @@ agree to rounding for any routing, including experts with no token (tests/proper
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.layers import GatedMLP, activation, empty_param
+from engine.distributed.communication import all_reduce
+from engine.distributed.parallel_state import current_tp
+from engine.models.layers import GatedMLP, activation, empty_param, even_slice
 from engine.models.weight_mapper import Target, WeightMapper
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
@@ -209,6 +217,11 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = renormalize
         self.act = activation(hidden_act)
         self.implementation = implementation
+        # Tensor parallelism: every rank holds every expert's slice `inter` of the
+        # intermediate dimension (gate/up rows, down columns); the router is replicated.
+        self.tp = current_tp()
+        self.inter = even_slice(intermediate_size, self.tp, "moe intermediate_size")
+        intermediate_size = self.inter.size
         self.intermediate_size = intermediate_size
         self.gate = GateLinear(hidden_size, num_experts, dtype, device)
         self.w13 = empty_param(
@@ -221,7 +234,13 @@ class SparseMoeBlock(nn.Module):
         self.shared_expert_gate: GateLinear | None = None
         if shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(
-                hidden_size, shared_expert_intermediate_size, False, hidden_act, dtype, device
+                hidden_size,
+                shared_expert_intermediate_size,
+                False,
+                hidden_act,
+                dtype,
+                device,
+                reduce_results=False,  # summed with the experts' partial outputs below
             )
             self.shared_expert_gate = GateLinear(hidden_size, 1, dtype, device)
 
@@ -232,7 +251,7 @@ class SparseMoeBlock(nn.Module):
         out = moe(x, weights, ids, w13, w2, self.act, self.implementation)
         if self.shared_expert is not None and self.shared_expert_gate is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return all_reduce(out, self.tp)  # the ranks' intermediate slices: one sum per block
 
     def add_expert_targets(
         self,
@@ -249,9 +268,13 @@ class SparseMoeBlock(nn.Module):
         """
         gate, up, down = expert_names
         inter, hidden = self.intermediate_size, self.hidden_size
+        rows = cols = None
+        if self.tp.is_parallel:  # this rank's slice of the intermediate dimension
+            rows = self.inter.take
+            cols = functools.partial(self.inter.take, dim=1)
         for e in range(self.num_experts):
             experts = f"{checkpoint_prefix}.experts.{e}"
             w13, w2 = (f"{module_prefix}.{n}" if module_prefix else n for n in ("w13", "w2"))
-            mapper.add(f"{experts}.{gate}.weight", Target(w13, 2 * inter * e, inter))
-            mapper.add(f"{experts}.{up}.weight", Target(w13, 2 * inter * e + inter, inter))
-            mapper.add(f"{experts}.{down}.weight", Target(w2, hidden * e, hidden))
+            mapper.add(f"{experts}.{gate}.weight", Target(w13, 2 * inter * e, inter, rows))
+            mapper.add(f"{experts}.{up}.weight", Target(w13, 2 * inter * e + inter, inter, rows))
+            mapper.add(f"{experts}.{down}.weight", Target(w2, hidden * e, hidden, cols))

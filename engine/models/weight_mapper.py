@@ -38,6 +38,8 @@ class Target:
     param: str  # our parameter's qualified name
     offset: int  # first row filled
     rows: int  # number of rows filled
+    # Tensor parallelism: full checkpoint tensor -> this rank's part (None: taken as is).
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 # param, checkpoint tensor, first row -> None; the default copies the rows.
@@ -62,9 +64,22 @@ class WeightMapper:
         skip = set(skip_params)
         self.ignore_names = set(ignore_names)
         self.targets: dict[str, Target] = {}
+        # Modules that shard their checkpoint tensors (tensor parallelism): param -> module.
+        sharding = {
+            f"{module_name}.{suffix}" if module_name else suffix: module
+            for module_name, module in model.named_modules()
+            if hasattr(module, "checkpoint_transform")
+            for suffix in ("weight", "bias")
+        }
         for name, param in self.params.items():
             if name not in skip:
-                self.targets[checkpoint_name(name)] = Target(name, 0, param.shape[0])
+                module = sharding.get(name)
+                transform = (
+                    module.checkpoint_transform(name.rsplit(".", 1)[-1], None)
+                    if module is not None
+                    else None
+                )
+                self.targets[checkpoint_name(name)] = Target(name, 0, param.shape[0], transform)
         for module_name, module in model.named_modules():
             if not isinstance(module, Linear) or not module.shard_names:
                 continue
@@ -73,9 +88,12 @@ class WeightMapper:
                 param_name = f"{module_name}.{suffix}"
                 if param_name not in self.params or param_name in skip:
                     continue
-                for shard, offset, rows in module.shard_offsets():
+                for index, (shard, offset, rows) in enumerate(module.shard_offsets()):
                     shard_name = f"{parent}.{shard}.{suffix}" if parent else f"{shard}.{suffix}"
-                    self.targets[checkpoint_name(shard_name)] = Target(param_name, offset, rows)
+                    transform = module.checkpoint_transform(suffix, index)
+                    self.targets[checkpoint_name(shard_name)] = Target(
+                        param_name, offset, rows, transform
+                    )
         self.loaders: dict[str, WeightLoader] = {}
         # After `load`: param -> [(checkpoint name, first row, rows)] that filled it.
         self.sources: dict[str, list[tuple[str, int, int]]] = {}
@@ -99,6 +117,8 @@ class WeightMapper:
                 logger.warning("checkpoint tensor %s is not used by the model", name)
                 continue
             param = self.params[target.param]
+            if target.transform is not None:
+                tensor = target.transform(tensor)
             expected = (target.rows, *param.shape[1:])
             if tuple(tensor.shape) != expected:
                 raise ValueError(

@@ -72,6 +72,14 @@ class Int4LinearMethod(LinearMethod):
             q, scale, zero, group_size = pre
         else:
             group_size = self.group_size
+            col = layer.col_slice
+            if col is not None and (col.start % group_size or col.size % group_size):
+                raise ValueError(
+                    f"quantization int4: tensor_parallel_size {layer.tp.size} gives each rank "
+                    f"{col.size} of a row-parallel layer's {col.full} input columns, not a "
+                    f"multiple of the group size {group_size}; use int8 or another "
+                    "tensor_parallel_size"
+                )
             q, scale, zero = quantize_int4(layer.weight.data, group_size)
         n, k = q.shape
         pad = -n % _N_ALIGN

@@ -56,10 +56,16 @@ def _default_qlinear_min_rows() -> int | None:
     return None if os.environ.get("ENGINE_INT8_QLINEAR", "1") == "0" else QLINEAR_MIN_ROWS
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, K] float -> (q [N, K] int8, scale [N] float32), symmetric per output channel."""
+def quantize_int8(
+    weight: torch.Tensor, absmax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] float -> (q [N, K] int8, scale [N] float32), symmetric per output channel.
+    `absmax` [N]: the rows' largest magnitudes when `weight` is only a slice of the columns
+    (tensor parallelism), so the scales are the whole rows'."""
     w = weight.to(torch.float32)
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)  # [N]
+    if absmax is None:
+        absmax = w.abs().amax(dim=1)
+    scale = (absmax / 127.0).clamp_min(1e-12)  # [N]
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
 
@@ -84,7 +90,7 @@ class Int8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         pre = getattr(layer, "pre_quantized", None)
-        q, scale = pre if pre is not None else quantize_int8(layer.weight.data)
+        q, scale = pre if pre is not None else quantize_int8(layer.weight.data, _row_absmax(layer))
         device = layer.weight.device
         layer.qweight = q.to(device).contiguous()
         layer.wscale = scale.to(device=device, dtype=torch.float32)
@@ -141,6 +147,16 @@ class Int8LinearMethod(LinearMethod):
         if layer.int8_bf16_packed is not None:
             tensors.append(layer.int8_bf16_packed)
         return tensors
+
+
+def _row_absmax(layer: Linear) -> torch.Tensor | None:
+    """A row-parallel layer's row maxima over every rank's columns (None otherwise)."""
+    if layer.col_slice is None:
+        return None
+    from engine.distributed.communication import all_reduce_max
+
+    absmax = layer.weight.data.to(torch.float32).abs().amax(dim=1).contiguous()
+    return all_reduce_max(absmax, layer.tp)
 
 
 _ONE_ROW_CHOICE: dict[tuple[int, int], bool] = {}  # (out, in) -> qlinear faster at one row

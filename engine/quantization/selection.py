@@ -11,6 +11,12 @@
 
 A GGUF file with quantization None means "gguf" in float32 / bfloat16 and "none" in other
 dtypes (float64 runs compare against transformers, which dequantizes).
+
+Tensor parallelism: every rank quantizes (or keeps the file's codes of) its own slice, with
+the same values as TP=1: int8 scales are per output row, and a row-parallel layer's row maximum
+is taken over all ranks (an all-reduce of the slices' maxima); int4 groups run along the input,
+so a row-parallel slice must start and end on group boundaries (ValueError for `int4`; GGUF
+4-bit codes fall back to the float weight, logged).
 """
 
 from __future__ import annotations
@@ -88,12 +94,17 @@ def method_chooser(
         types = {b.qtype for b in blocks}  # type: ignore[union-attr]
         if types <= set(FOUR_BIT_TYPES) and layer.in_features % GROUP_SIZE == 0:
             parts = [unpack_4bit(b.raw, b.qtype) for b in blocks]  # type: ignore[union-attr]
-            layer.pre_quantized = (
-                torch.cat([p[0] for p in parts]),
-                torch.cat([p[1] for p in parts]),
-                torch.cat([p[2] for p in parts]),
-                GROUP_SIZE,
-            )
+            # This rank's rows / columns of the codes (all of them without tensor parallelism).
+            local = layer.shard_quantized(parts, GROUP_SIZE)
+            if local is None:
+                logger.info(
+                    "GGUF %s: this rank's input columns do not align with 4-bit groups of %d; "
+                    "dequantized",
+                    name,
+                    GROUP_SIZE,
+                )
+                return default
+            layer.pre_quantized = (*local, GROUP_SIZE)
             if name not in kept_layers:  # (a tied head is asked for twice)
                 kept_layers.add(name)
                 for b in blocks:
