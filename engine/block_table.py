@@ -43,6 +43,11 @@ class PersistentBlockTable:
     def num_requests(self) -> int:
         return len(self._rows)
 
+    @property
+    def request_ids(self) -> list[str]:
+        """The requests that hold a row."""
+        return list(self._rows)
+
     def row_of(self, request_id: str) -> int | None:
         return self._rows.get(request_id)
 

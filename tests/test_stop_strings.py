@@ -50,8 +50,12 @@ def test_checker_equals_a_character_scan_however_the_text_is_cut(
         result = checker.append(delta, check=i >= unchecked_deltas)
         if result is not None:
             found.append(result)
+        # What a DELTA output adds, read without the whole text, is the whole text's new part.
+        added = checker.visible_text_since(len(shown), finished=False)
+        assert checker.visible_length(finished=False) == len(shown) + len(added)
         visible = checker.visible_text(finished=False)
         assert visible.startswith(shown)  # streamed text is never taken back
+        assert visible == shown + added
         shown = visible
     unchecked = sum(len(d) for d in deltas[:unchecked_deltas])
     expected_text, expected_stop = scan(text, stops, include, unchecked)
@@ -220,3 +224,51 @@ def test_check_cost_does_not_grow_with_text_or_stop_length():
     assert checker.append("a" * 22 + "tail") == stops[7]
     assert checker.text == "a" * 2000 + "x"
     assert elapsed < 2.0, elapsed
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    deltas=st.lists(st.text(alphabet="abc", min_size=1, max_size=5), max_size=12),
+    stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=3), max_size=2),
+    reads=st.lists(st.tuples(st.integers(0, 70), st.integers(0, 70)), max_size=6),
+    join_every=st.integers(1, 4),
+)
+def test_text_since_equals_slicing_the_whole_text(deltas, stops, reads, join_every):
+    """The text is kept as chunks (joined now and then, cut at a match): any slice read from
+    them equals the slice of the whole text."""
+    checker = StopStringChecker(stops)
+    whole = ""
+    for i, delta in enumerate(deltas):
+        checker.append(delta)
+        if checker.matched is None:
+            whole += delta
+        else:
+            whole = checker.visible_text(finished=True)  # cut at the match (scan-tested above)
+        if i % join_every == 0:
+            assert checker.text == whole  # joins the chunks into one
+        for start, end in reads:
+            assert checker.text_since(start, end) == whole[start:end]
+            assert checker.text_since(start) == whole[start:]
+    assert checker.text == whole
+
+
+def test_appending_never_copies_the_text_so_far():
+    """Issue 11 (output cost): each append used to build a new string of the whole text (text
+    += delta), so a long output cost O(length) per token. Now an append allocates about its
+    delta, and a streamed read allocates about what it returns."""
+    import tracemalloc
+
+    checker = StopStringChecker(["STOP"])
+    for _ in range(1000):
+        checker.append("x" * 200)  # 200,000 characters
+    assert len(checker.visible_text(finished=False)) == 200_000
+    tracemalloc.start()
+    try:
+        for _ in range(50):
+            checker.append("y")
+            assert checker.visible_text_since(200_000, finished=False).startswith("y")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 50_000, peak  # one copy of the text would be 200 KB
+    assert checker.text == "x" * 200_000 + "y" * 50

@@ -121,6 +121,8 @@ class ReferenceScheduler:
         pass  # no prefix cache: nothing is provisional
 
     def rollback_step(self, output: SchedulerOutput) -> None:
+        # The runner may never have seen the output: report its ended requests again.
+        self.finished_ids[:0] = output.finished_request_ids
         failed = {id(item.request) for item in output.scheduled}
         reset = [r for r in self.running if id(r) in failed]
         for request in reversed(reset):  # oldest ends up first in the queue

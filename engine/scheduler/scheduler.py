@@ -55,7 +55,7 @@ class DefaultScheduler:
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
-        self._finished_ids: list[str] = []  # ended since the last non-empty output
+        self.finished_ids: list[str] = []  # ended since the last non-empty output
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -158,8 +158,8 @@ class DefaultScheduler:
 
         finished: tuple[str, ...] = ()
         if scheduled:
-            finished = tuple(self._finished_ids)
-            self._finished_ids.clear()
+            finished = tuple(self.finished_ids)
+            self.finished_ids.clear()
         return SchedulerOutput(
             scheduled=tuple(scheduled),
             preempted_request_ids=tuple(preempted),
@@ -199,6 +199,8 @@ class DefaultScheduler:
 
     def rollback_step(self, output: SchedulerOutput) -> None:
         self.kv.discard_uncommitted()
+        # The runner may never have seen the output: report its ended requests again.
+        self.finished_ids[:0] = output.finished_request_ids
         failed = {id(item.request) for item in output.scheduled}
         reset = [r for r in self.running if id(r) in failed and r.status is RequestStatus.RUNNING]
         self.running = [r for r in self.running if id(r) not in failed]
@@ -244,4 +246,4 @@ class DefaultScheduler:
         request.status = status
         self.kv.free(request)
         if self.requests.pop(request.request_id, None) is not None:
-            self._finished_ids.append(request.request_id)
+            self.finished_ids.append(request.request_id)

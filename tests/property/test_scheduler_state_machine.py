@@ -4,6 +4,12 @@ No model runs: a step samples fake tokens from a tiny alphabet (so prompts and o
 prefixes and the prefix cache gets hits). After every rule the bookkeeping invariants are
 checked; at teardown every request is driven to its end within a bounded number of steps and
 every block must be free.
+
+The model runner's side of the block tables runs too: every step's output goes through
+`prepare_inputs` with a persistent block table (engine/block_table.py), as the runner does, and
+its metadata must equal the one built from scratch from the whole tables; the snapshots of block
+ids an output carries must still hold the same ids after any later allocation, rollback of
+speculative blocks, preemption or end of their request.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from engine.block_table import PersistentBlockTable
 from engine.config import CacheConfig, SchedulerConfig
 from engine.request import Request, RequestStatus
+from engine.runner import prepare_inputs
 from engine.sampling_params import SamplingParams
 from engine.scheduler.block_pool import hash_block_tokens
 from engine.scheduler.interface import SampledToken
@@ -56,6 +64,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.rng = random.Random(seed)
         self.counter = 0
         self.last_output = None
+        self.block_size = block_size
+        self.runner_table = PersistentBlockTable(num_rows=1, num_cols=1)  # grows as needed
+        # (snapshot, its ids when handed out) of every output so far: snapshots never change.
+        self.snapshots: list[tuple[object, tuple[int, ...]]] = []
 
     # ---- rules ---------------------------------------------------------------------------------
 
@@ -92,6 +104,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         cached_before = dict(self.scheduler.kv.pool.cached)
         output = self.scheduler.schedule()
         self.last_output = output
+        if output.scheduled and self.rng.random() < 0.5:
+            self._run(output)  # it failed after the runner's inputs were prepared
         self.scheduler.rollback_step(output)
         for block_hash, block in self.scheduler.kv.pool.cached.items():
             assert cached_before.get(block_hash) is block, "a failed step's block stays cached"
@@ -128,13 +142,51 @@ class SchedulerMachine(RuleBasedStateMachine):
             request.sampling_params.max_tokens - request.num_output_tokens - 1,
             self.max_model_len - request.num_tokens - 1,
         )
-        request.spec_token_ids = [self.rng.randint(1, 3) for _ in range(min(num_drafts, room))]
+        num_drafts = min(num_drafts, room)
+        # A draft model allocates the drafts' slots now (lookahead), between steps.
+        if num_drafts > 0 and data.draw(st.booleans(), label="lookahead"):
+            kv = self.scheduler.kv
+            if not kv.allocate_slots(request, 0, num_lookahead_tokens=num_drafts):
+                return
+        request.spec_token_ids = [self.rng.randint(1, 3) for _ in range(num_drafts)]
 
     # ---- invariants ----------------------------------------------------------------------------
+
+    def _run(self, output):
+        """What the runner does with an output, checked against a from-scratch rebuild."""
+        kv, table = self.scheduler.kv, self.runner_table
+        for item in output.scheduled:
+            ids = tuple(item.block_ids)
+            assert ids == kv.block_ids(item.request.request_id), "the snapshot is not the table"
+            assert 0 <= item.num_unchanged_blocks <= len(ids)
+            self.snapshots.append((item.block_ids, ids))
+        table.remove(output.finished_request_ids)
+        table.remove(output.preempted_request_ids)
+        written = table.num_ids_written
+        old_rows = {
+            i.request.request_id: table.block_ids(i.request.request_id) for i in output.scheduled
+        }
+        persistent = prepare_inputs(output.scheduled, self.block_size, "cpu", table)
+        scratch = prepare_inputs(output.scheduled, self.block_size, "cpu")
+        assert persistent.meta.block_table.equal(scratch.meta.block_table)
+        assert persistent.meta.slot_mapping.equal(scratch.meta.slot_mapping)
+        assert persistent.input_ids.equal(scratch.input_ids)
+        for item in output.scheduled:
+            assert table.block_ids(item.request.request_id) == list(item.block_ids)
+        # Only what changed was written: ids past the unchanged ones, and padding where a row
+        # got shorter (speculative blocks rolled back, a reset request back with fewer blocks).
+        assert table.num_ids_written - written <= sum(
+            len(i.block_ids)
+            - i.num_unchanged_blocks
+            + max(0, len(old_rows[i.request.request_id]) - len(i.block_ids))
+            for i in output.scheduled
+        )
 
     def _step(self):
         output = self.scheduler.schedule()
         self.last_output = output
+        if output.scheduled:
+            self._run(output)
         sampled = {}
         for s in output.scheduled:
             if s.sample:  # accept a random prefix of the drafts, then one token of our own
@@ -170,6 +222,17 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert len(blocks) <= kv.num_blocks_for(request.num_tokens)
         for block in kv.pool.blocks:
             assert block.ref_cnt == uses[block.block_id]
+
+    @invariant()
+    def snapshots_never_change(self):
+        for snapshot, ids in self.snapshots:
+            assert tuple(snapshot) == ids and len(snapshot) == len(ids)
+
+    @invariant()
+    def runner_rows_only_for_live_or_pending_requests(self):
+        """The runner's table drops a request's row once told it ended: no rows leak."""
+        live = set(self.scheduler.requests) | set(self.scheduler.finished_ids)
+        assert set(self.runner_table.request_ids) <= live
 
     @invariant()
     def free_plus_used_is_total(self):
