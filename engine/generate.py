@@ -44,6 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quantization", "-q", default=None, help="int8, int4, gguf or none")
     p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="shard the model over this many processes (engine/distributed)",
+    )
+    p.add_argument(
         "--logits-processors",
         nargs="+",
         default=None,
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             speculative_config=args.speculative_config,
             quantization=args.quantization,
             logits_processors=args.logits_processors,
+            tensor_parallel_size=args.tensor_parallel_size,
         )
         engine = llm.llm_engine
         backend = getattr(engine.attention_backend, "name", type(engine.attention_backend).__name__)
@@ -98,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     stats = engine.get_stats().spec_decode
+    engine.shutdown()  # tensor-parallel workers, if any
     if stats is not None:
         logger.info(
             "speculative decoding: %d drafts, %d draft tokens, %d accepted (%.1f%%)",

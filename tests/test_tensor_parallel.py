@@ -68,17 +68,21 @@ def prompts_for(vocab: int, lengths=PROMPT_LENGTHS, seed: int = 0) -> list[list[
 
 def params_for(max_tokens: int = 10) -> list[SamplingParams]:
     """Greedy with top-2 logprobs and prompt logprobs, and one seeded sampled request."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2, prompt_logprobs=1)
-    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=max_tokens, logprobs=1)
+    common = {"max_tokens": max_tokens, "ignore_eos": True}
+    greedy = SamplingParams(temperature=0.0, logprobs=2, prompt_logprobs=1, **common)
+    sampled = SamplingParams(temperature=0.9, top_p=0.9, seed=7, logprobs=1, **common)
     return [greedy, sampled]
 
 
-def generate(path: Path | str, prompts, tp: int, **kwargs):
-    """(outputs of each SamplingParams in params_for, engine stats) of one engine, shut down."""
+def generate(path: Path | str, prompts, tp: int, max_tokens: int = 10, check=None, **kwargs):
+    """(outputs of each SamplingParams in params_for, engine stats) of one engine, shut down;
+    `check(engine)` runs first."""
     llm = LLM(str(path), tensor_parallel_size=tp, **{**COMMON, **kwargs})
     try:
         assert len(llm.llm_engine.model.layers) > 0
-        outputs = [llm.generate(prompts, p, use_tqdm=False) for p in params_for()]
+        if check is not None:
+            check(llm.llm_engine)
+        outputs = [llm.generate(prompts, p, use_tqdm=False) for p in params_for(max_tokens)]
         return outputs, llm.llm_engine.get_stats()
     finally:
         llm.llm_engine.shutdown()
@@ -103,9 +107,10 @@ def assert_same_outputs(ours, theirs) -> None:
                         assert abs(entry_a[token].logprob - entry_b[token].logprob) < LOGPROB_TOL
 
 
-def compare(path, prompts, **kwargs):
-    """TP=2 against TP=1 with the same arguments; returns both engines' stats."""
-    ours, ours_stats = generate(path, prompts, 2, **kwargs)
+def compare(path, prompts, check=None, **kwargs):
+    """TP=2 against TP=1 with the same arguments; returns both engines' stats. `check(engine)`
+    runs on the TP=2 engine."""
+    ours, ours_stats = generate(path, prompts, 2, check=check, **kwargs)
     theirs, theirs_stats = generate(path, prompts, 1, **kwargs)
     assert_same_outputs(ours, theirs)
     assert not wait_no_children(), "a worker outlived its engine"
@@ -136,8 +141,15 @@ def test_other_families_tp2_equal_tp1(family_root, tokenizer, key):
 
 @pytest.fixture(scope="module")
 def one_kv_head_path(checkpoints):
-    """One KV head (replicated on both ranks) and a vocabulary of 1027 (padded to 1028)."""
-    return checkpoints("tp-1kv-oddvocab", num_key_value_heads=1, vocab_size=1027)
+    """One KV head (replicated on both ranks), a vocabulary of 1027 (padded to 1028), and
+    biases on every projection (row-parallel o_proj / down_proj add theirs once)."""
+    return checkpoints(
+        "tp-1kv-oddvocab",
+        num_key_value_heads=1,
+        vocab_size=1027,
+        attention_bias=True,
+        mlp_bias=True,
+    )
 
 
 def test_one_kv_head_chunked_prefill_prefix_caching_preemption(one_kv_head_path):
@@ -169,16 +181,21 @@ def test_speculative_decoding_ngram_and_draft_model(checkpoints):
     """n-gram proposals and a draft model (unsharded, on rank 0) verified by the sharded target:
     the same tokens as TP=1 with the same speculation."""
     path = checkpoints.variant("llama")
-    draft = checkpoints("tp-draft", seed=3)
+    draft = path  # the target's own weights, unsharded on rank 0: greedy drafts get accepted
     rng = random.Random(2)
     motif = [rng.randrange(3, 1024) for _ in range(5)]
     prompts = [motif * 3, motif * 2 + [11, 12], [rng.randrange(3, 1024) for _ in range(7)]]
     for spec in (
-        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3},
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1},
         {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2},
     ):
-        ours, theirs = compare(path, prompts, kv_cache_memory_bytes=2**22, speculative_config=spec)
+        ours, theirs = compare(
+            path, prompts, max_tokens=24, kv_cache_memory_bytes=2**22, speculative_config=spec
+        )
         assert ours.spec_decode is not None and ours.spec_decode == theirs.spec_decode
+        assert ours.spec_decode.num_drafts > 0  # the sharded target verified drafts
+        if spec["method"] == "draft_model":  # its own weights: the drafts are kept
+            assert ours.spec_decode.num_accepted_tokens > 0
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
@@ -187,7 +204,19 @@ def test_quantized_tp2_equal_tp1(checkpoints, quantization):
     int4: groups inside a rank's columns); float64 dequantizes per call, so the weights must
     be identical for the logprobs to agree to 1e-9."""
     path = checkpoints.variant("llama")
-    compare(path, prompts_for(1024), kv_cache_memory_bytes=2**22, quantization=quantization)
+
+    def check(engine) -> None:
+        attn = engine.model.layers[0].self_attn
+        assert attn.qkv_proj.method.name == attn.o_proj.method.name == quantization
+        assert attn.o_proj.in_features == 32  # rank 0's half of the 64 inputs
+
+    compare(
+        path,
+        prompts_for(1024),
+        check=check,
+        kv_cache_memory_bytes=2**22,
+        quantization=quantization,
+    )
 
 
 def test_gguf_quantized_codes_tp2_equal_tp1(checkpoints, tmp_path):
@@ -202,7 +231,13 @@ def test_gguf_quantized_codes_tp2_equal_tp1(checkpoints, tmp_path):
         return next((t for key, t in types.items() if key in name), "Q8_0")
 
     path = write_gguf(src, tmp_path / "tp.gguf", type_for)
-    compare(path, prompts_for(1024)[:3], tokenizer=str(src), quantization="gguf")
+
+    def check(engine) -> None:
+        layer = engine.model.layers[0]
+        assert layer.self_attn.o_proj.method.name == "int4"  # the file's codes, sliced
+        assert layer.mlp.down_proj.method.name == "int8"  # Q8_0, requantized per rank
+
+    compare(path, prompts_for(1024)[:3], check=check, tokenizer=str(src), quantization="gguf")
 
 
 def test_int4_group_that_does_not_divide_the_shard_is_a_clear_error(checkpoints):

@@ -259,8 +259,9 @@ class TensorParallelModel:
         kv_caches: list[Any],
         meta: Any,
     ) -> torch.Tensor:  # [T, H]
-        cache = None
-        if kv_caches is not self.kv_caches:
+        cache = None  # the workers' own caches, unless this is another (scratch) cache
+        own = self.kv_caches
+        if own is None or kv_caches[0].k is not own[0].k:
             cache = (kv_caches[0].k.shape[0], kv_caches[0].k.shape[1])
         return self.executor.run(
             "forward",
