@@ -5,7 +5,8 @@ What it proves: the openai SDK gets, through Ray Serve's proxy, the same streame
 non-streamed answers as from `engine.server` directly; requests sharing a prompt prefix land on
 the replica the routing policy names for it (and different prefixes spread over both); /metrics
 holds both replicas' series; a client that disconnects mid-stream has its request aborted on the
-replica; and after one replica's actor is killed every request is still answered, by the other.
+replica; and when a replica's actor is killed, its in-flight non-streamed request is answered by
+the other replica, its stream ends with an error event, and every later request is answered.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 APP = "engine-test"
 MODEL = "tiny"
 # float64: served and direct answers must agree token for token (no near-tie flips).
-ENGINE_FLAGS = ["--dtype", "float64", "--max-model-len", "512", "--kv-cache-memory-bytes", "16MiB"]
+ENGINE_FLAGS = ["--dtype", "float64", "--max-model-len", "4096", "--kv-cache-memory-bytes", "32MiB"]
 SHARED = "The quick brown fox jumps over the lazy dog near the river bank. " * 6  # ~390 chars
 
 
@@ -48,10 +49,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def direct(llama_path):
+def model_path(checkpoints) -> Path:
+    """The tiny Llama with room for long generations (a killed replica must die mid-request)."""
+    return checkpoints("llama-4k", max_position_embeddings=4096)
+
+
+@pytest.fixture(scope="module")
+def direct(model_path):
     """The reference: the same checkpoint and flags served by `engine.server` in-process."""
     args = EngineArgs(
-        model=str(llama_path), dtype="float64", max_model_len=512, kv_cache_memory_bytes=16 * 2**20
+        model=str(model_path), dtype="float64", max_model_len=4096, kv_cache_memory_bytes=32 * 2**20
     )
     config = ServerConfig(served_model_names=(MODEL,), log_stats_interval=None, access_log=False)
     with ServerThread(OpenAIServer(LLMEngine(args), config)) as thread:
@@ -59,7 +66,7 @@ def direct(llama_path):
 
 
 @pytest.fixture(scope="module")
-def served(llama_path):
+def served(model_path):
     """The Ray Serve application's base URL (2 replicas, 1 thread each)."""
     ray.init(
         address="local",
@@ -72,7 +79,7 @@ def served(llama_path):
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         argv = [
-            "--model", str(llama_path), "--served-model-name", MODEL, "--replicas", "2",
+            "--model", str(model_path), "--served-model-name", MODEL, "--replicas", "2",
             "--num-threads-per-replica", "1", "--disable-log-stats", "--disable-access-log",
             *ENGINE_FLAGS,
         ]  # fmt: skip
@@ -225,13 +232,62 @@ def test_a_client_that_disconnects_mid_stream_aborts_on_the_replica(served):
     assert all(s.value == 0 for s in running)
 
 
+def _owned_prompt(owner: str, replicas: list[str], tag: str) -> str:
+    """A prompt whose routing key the policy assigns to `owner`."""
+    for i in range(1000):
+        prompt = f"{tag} {i}: " + SHARED
+        if rendezvous_order(routing_key("/v1/completions", {"prompt": prompt}), replicas)[0] == (
+            owner
+        ):
+            return prompt
+    raise AssertionError("no prompt found")
+
+
 def test_killing_a_replica_leaves_the_other_serving(served, direct):
+    """Kill the replica that is running two long requests: the non-streamed one is retried on
+    the other replica (same answer), the stream ends with an error event and [DONE], and every
+    later request is answered by the survivor (or Serve's replacement)."""
     replicas = _replicas(served)
-    victim = replicas[0]
-    actor = ray.get_actor(f"SERVE_REPLICA::{APP}#{REPLICA_NAME}#{victim}", namespace="serve")
-    ray.kill(actor, no_restart=True)
-    expected = _answers(direct)
+    victim, survivor = replicas
+    long = {"model": MODEL, "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+    retried = {**long, "prompt": _owned_prompt(victim, replicas, "Retried")}
+    streamed = {**long, "prompt": _owned_prompt(victim, replicas, "Streamed"), "stream": True}
+
+    def running_on_victim() -> float:
+        samples = _metrics(served)["vllm:num_requests_running"]
+        return sum(s.value for s in samples if s.labels["replica"] == victim)
+
+    async def scenario() -> tuple[int, dict, dict, list[bytes]]:
+        async with aiohttp.ClientSession() as session:
+            non_streamed = asyncio.create_task(
+                session.post(served + "/v1/completions", json=retried)
+            )
+            async with session.post(served + "/v1/completions", json=streamed) as stream:
+                assert stream.headers[REPLICA_HEADER] == victim
+                await stream.content.readline()
+                deadline = time.monotonic() + 20
+                while await asyncio.to_thread(running_on_victim) < 2:
+                    assert time.monotonic() < deadline, "the two requests never ran together"
+                    await asyncio.sleep(0.05)
+                actor = ray.get_actor(
+                    f"SERVE_REPLICA::{APP}#{REPLICA_NAME}#{victim}", namespace="serve"
+                )
+                ray.kill(actor, no_restart=True)
+                rest = [line async for line in stream.content if line.strip()]
+            response = await non_streamed
+            async with response:
+                return response.status, dict(response.headers), await response.json(), rest
+
+    status, headers, answer, rest = asyncio.run(scenario())
+    assert status == 200, answer
+    assert headers[REPLICA_HEADER] == survivor
+    expected = _post(direct + "/v1/completions", retried)[2]
+    assert answer["choices"][0]["text"] == expected["choices"][0]["text"]
+    assert answer["usage"] == expected["usage"]
+    assert rest[-1] == b"data: [DONE]\n"
+    assert json.loads(rest[-2].removeprefix(b"data: "))["error"]["code"] == 500
     # Prompts of both owners: the victim's go to the survivor (or to Serve's replacement).
+    expected = _answers(direct)
     for i in range(8):
         body = {"model": MODEL, "prompt": f"Document {i}: " + SHARED, "max_tokens": 4}
         status, headers, answer = _post(served + "/v1/completions", body)
@@ -263,3 +319,22 @@ def test_the_config_example_is_a_valid_serve_config():
             args = dict(application.args)
             args["model"] = "demo"  # the example's path need not exist here
             assert builder(args) is not None
+
+
+def test_the_command_checks_its_flags_before_starting_ray():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.serve.ray", "--help"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0
+    for flag in ("--replicas", "--num-threads-per-replica", "--routing-prefix-chars",
+                 "--max-num-seqs", "--enable-prefix-caching", "--api-key"):  # fmt: skip
+        assert flag in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "engine.serve.ray", "--model", "demo", "--replicas", "0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--replicas must be at least 1" in out.stderr
