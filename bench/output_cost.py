@@ -13,6 +13,13 @@ window of steps early in the outputs (around `--early` tokens) with one at the e
 * CUMULATIVE outputs copy every request's whole token list, logprobs and text each step: the
   copies grow with the length (the row shows how much that costs).
 
+Timings are noisy on a shared machine, so each row also counts the engine's Python-level calls
+per step (functions of the `engine` package entered, plus builtins / C methods they call, by a
+profiler hook) over `block_size` steps right next to each timed window (those steps are not
+timed): a count that grows with the length is work per step that grows with it, whatever the
+noise. Detokenization and logprob texts are left out of the count: their tokenizer caches make
+it vary with the tokens drawn, not with the length.
+
 The requests use what makes per-step work depend on the length when done naively: logprobs,
 repetition / presence / frequency penalties (counted incrementally per request), and a stop
 string (that never matches) so the stop checker runs.
@@ -29,6 +36,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,6 +59,8 @@ class Row:
     ratio: float  # host_us_late / host_us_early
     forward_ms_early: float  # median model forward per step, ms (for scale)
     forward_ms_late: float
+    calls_early: float  # engine Python-level calls per step (mean over block_size steps)
+    calls_late: float
 
 
 class ForwardTimer:
@@ -67,6 +77,30 @@ class ForwardTimer:
 
     def _post(self, *_) -> None:
         self.total += time.perf_counter() - self._start
+
+
+ENGINE_DIR = str(Path(__file__).resolve().parent.parent / "engine") + "/"
+NOT_COUNTED = tuple(ENGINE_DIR + name for name in ("tokenizer.py", "logprobs.py"))
+
+
+def count_calls(fn: Callable[[], object]) -> int:
+    """The engine's Python-level calls during fn(): its functions entered and the builtins / C
+    methods they call (detokenization and logprob texts left out)."""
+    count = 0
+
+    def hook(frame, event, arg) -> None:
+        nonlocal count
+        if event == "call" or event == "c_call":
+            filename = frame.f_code.co_filename
+            if filename.startswith(ENGINE_DIR) and not filename.startswith(NOT_COUNTED):
+                count += 1
+
+    sys.setprofile(hook)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 def measure(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> Row:
@@ -92,33 +126,49 @@ def measure(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> R
             output_kind=kind,
         )
         engine.add_request(str(i), prompt, params)
+    # Steps whose calls are counted (not timed): block_size steps (every request starts one
+    # new block in them) right after the early window and right before the late one.
+    block_size = engine.cache_config.block_size
+    half = args.window // 2
+    late_center = args.output_len - half
+    counted_early = range(args.early + half, args.early + half + block_size)
+    counted_late = range(late_center - half - block_size, late_center - half)
+    calls: dict[int, int] = {}
     # (output length after the step, host seconds, forward seconds); without speculation every
     # request gains one token per step, the first in the prefill step.
     steps: list[tuple[int, float, float]] = []
     while engine.has_unfinished_requests():
+        number = len(steps) + len(calls) + 1
+        if number in counted_early or number in counted_late:
+            calls[number] = count_calls(engine.step)
+            continue
         forward_before = timer.total
         start = time.perf_counter()
         engine.step()
         elapsed = time.perf_counter() - start
         forward = timer.total - forward_before
-        steps.append((len(steps) + 1, elapsed - forward, forward))
+        steps.append((number, elapsed - forward, forward))
 
     def window(center: int) -> list[tuple[int, float, float]]:
-        half = args.window // 2
         return [s for s in steps if center - half <= s[0] < center + half]
 
-    early, late = window(args.early), window(args.output_len - args.window // 2)
+    def mean_calls(numbers: range) -> float:
+        return statistics.mean(calls[n] for n in numbers)
+
+    early, late = window(args.early), window(late_center)
     host_early = statistics.median(s[1] for s in early) * 1e6
     host_late = statistics.median(s[1] for s in late) * 1e6
     return Row(
         output_kind=kind.name,
         early_len=args.early,
-        late_len=args.output_len - args.window // 2,
+        late_len=late_center,
         host_us_early=host_early,
         host_us_late=host_late,
         ratio=host_late / host_early,
         forward_ms_early=statistics.median(s[2] for s in early) * 1e3,
         forward_ms_late=statistics.median(s[2] for s in late) * 1e3,
+        calls_early=mean_calls(counted_early),
+        calls_late=mean_calls(counted_late),
     )
 
 
@@ -142,8 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.output_len = args.output_len or (256 if args.quick else 2048)
     args.early = args.early or (32 if args.quick else 64)
     args.window = args.window or (16 if args.quick else 32)
-    if not args.window < args.early < args.output_len - args.window:
-        p.error("need --window < --early < --output-len - --window")
+    if not args.window < args.early < args.output_len - 2 * args.window - 16:
+        p.error("need --window < --early < --output-len - 2 * --window - 16")
     return args
 
 
@@ -169,6 +219,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 "late / early",
                 "forward ms early",
                 "forward ms late",
+                "calls/step early",
+                "calls/step late",
             ],
             [list(asdict(r).values()) for r in rows],
         )

@@ -13,7 +13,7 @@ needed up front. Each step the runner:
 2. `update`s the scheduled requests' rows: each writes only its ids past `num_unchanged_blocks`
    and zeros where its table got shorter, all of the step's writes in one indexed assignment
    (a decode step writes nothing, except when a request starts a new block);
-3. `gather`s the step's rows into the metadata's [B, M] block table, M = the widest table.
+3. `gather`s the step's rows into the metadata's [B, M] block table, M = the longest table.
 
 So the Python-level work on block ids per step is proportional to the ids that changed, not to
 the length of the requests (`num_ids_written` counts them, for tests).
@@ -102,8 +102,10 @@ class PersistentBlockTable:
             self._num_blocks[row] = new
         return rows
 
-    def gather(self, rows: list[int], width: int) -> torch.Tensor:  # [len(rows), max(width, 1)]
-        """The rows' first `width` columns, in this order (a new tensor)."""
+    def gather(self, rows: list[int]) -> torch.Tensor:  # [len(rows), max(M, 1)] int32
+        """The rows, in this order, as far as the longest of them reaches (M ids): the step's
+        block table (a new tensor)."""
+        width = max(map(self._num_blocks.__getitem__, rows), default=0)
         index = torch.tensor(rows, dtype=torch.int64)
         return self.table[:, : max(width, 1)].index_select(0, index)
 

@@ -158,7 +158,7 @@ def prepare_inputs(
             (item.request.request_id, item.block_ids, item.num_unchanged_blocks)
             for item in scheduled
         )
-        table = block_table.gather(rows, max((len(i.block_ids) for i in scheduled), default=0))
+        table = block_table.gather(rows)
     input_ids, positions, meta = pack_sequences(sequences, block_size, device, table)
     return ModelInputs(
         input_ids=input_ids,

@@ -27,6 +27,10 @@ def test_quick_run_prints_the_ratio_per_output_kind(tmp_path, monkeypatch, capsy
         assert row.host_us_early > 0 and row.host_us_late > 0
         assert math.isclose(row.ratio, row.host_us_late / row.host_us_early)
         assert row.forward_ms_early > 0
+        assert row.calls_early > 0 and row.calls_late > 0
+    delta = rows[0]  # DELTA: the Python-level work per step does not grow with the length
+    assert delta.calls_late <= 1.05 * delta.calls_early, (delta.calls_early, delta.calls_late)
     printed = capsys.readouterr().out
-    assert "late / early" in printed and "DELTA" in printed and "CUMULATIVE" in printed
+    assert "late / early" in printed and "calls/step late" in printed
+    assert "DELTA" in printed and "CUMULATIVE" in printed
     assert out.is_file() and "host_us_late" in out.read_text()

@@ -101,8 +101,7 @@ class BlockTableMachine(RuleBasedStateMachine):
         before = {i: self.runner.block_ids(i) for i in ids}
         written = self.runner.num_ids_written
         rows = self.runner.update(tables)
-        width = max((len(s) for _, s, _ in tables), default=0)
-        gathered = self.runner.gather(rows, width)
+        gathered = self.runner.gather(rows)
         assert gathered.equal(build_block_table([s for _, s, _ in tables]))
         # Writes: the ids past the unchanged ones, and zeros where a row got shorter.
         assert self.runner.num_ids_written - written <= sum(
