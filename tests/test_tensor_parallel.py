@@ -402,3 +402,42 @@ def test_torchrun_launch_two_ranks_on_one_machine(checkpoints):
             proc.kill()
             proc.wait()
     reader.join(5)
+
+
+def test_worker_exits_when_rank0_is_killed(checkpoints, tmp_path):
+    """SIGKILL to the engine's process (no atexit, no shutdown): its worker notices and exits
+    within seconds instead of lingering as an orphan."""
+    path = checkpoints.variant("llama")
+    script = tmp_path / "rank0.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from engine import LLM\n"
+        "if __name__ == '__main__':\n"
+        f"    llm = LLM({str(path)!r}, tensor_parallel_size=2, dtype='float64',\n"
+        "              kv_cache_memory_bytes=2**22)\n"
+        "    print('READY', flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"READY"
+        workers = [
+            p
+            for p in psutil.Process(proc.pid).children(recursive=True)
+            if "spawn_main" in " ".join(p.cmdline())
+        ]
+        assert len(workers) == 1
+        proc.kill()
+        proc.wait(10)
+        killed_at = time.monotonic()
+        _gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, "the worker outlived its engine's process"
+        assert time.monotonic() - killed_at < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
