@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -70,7 +71,7 @@ def served(model_path):
     """The Ray Serve application's base URL (2 replicas, 1 thread each)."""
     ray.init(
         address="local",
-        num_cpus=4,
+        num_cpus=8,  # logical: the bench test below adds up to 3 one-CPU replicas
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
@@ -232,6 +233,31 @@ def test_a_client_that_disconnects_mid_stream_aborts_on_the_replica(served):
     assert all(s.value == 0 for s in running)
 
 
+def test_replicas_bench_quick(served, model_path, capsys):
+    """bench/replicas.py --quick: direct, 1 and 2 Ray replicas (under route prefixes of this
+    module's Serve instance), every request answered, ratios against 1 replica printed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_replicas", ROOT / "bench" / "replicas.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_replicas"] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    argv = ["--quick", "--serve-url", served, "--model", str(model_path), *ENGINE_FLAGS]
+    rows = bench.main(argv)
+    assert [(r.server, r.replicas) for r in rows] == [("direct", 1), ("ray", 1), ("ray", 2)]
+    for row in rows:
+        assert (row.level.num_ok, row.level.num_failed) == (8, 0)
+        assert row.level.output_tokens == 8 * 8
+    table = capsys.readouterr().out.splitlines()
+    summary = table[table.index(next(t for t in table if t.startswith("| server |"))) :]
+    assert summary[2].startswith("| direct | 1 | 4 | 8 / 0 |")
+    assert summary[3].startswith("| ray | 1 | 4 | 8 / 0 |") and summary[3].endswith("| 1.00x |")
+    assert summary[4].startswith("| ray | 2 | 4 | 8 / 0 |")
+    # The bench's applications are gone; this module's stays.
+    assert _get(served + "/bench-replicas-2/health")[0] != 200
+    assert _get(served + "/health")[0] == 200
+
+
 def _owned_prompt(owner: str, replicas: list[str], tag: str) -> str:
     """A prompt whose routing key the policy assigns to `owner`."""
     for i in range(1000):
@@ -323,7 +349,6 @@ def test_the_config_example_is_a_valid_serve_config():
 
 def test_the_command_checks_its_flags_before_starting_ray():
     import subprocess
-    import sys
 
     out = subprocess.run(
         [sys.executable, "-m", "engine.serve.ray", "--help"],

@@ -79,6 +79,16 @@ def _sse_error(message: str) -> bytes:
     return f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
 
 
+def _route_path(request: Request) -> str:
+    """The path below the application's route prefix (`serve.run(..., route_prefix="/a")`
+    serves this app's `/v1/models` at `/a/v1/models`)."""
+    path: str = request.scope["path"]
+    root: str = request.scope.get("root_path", "").rstrip("/")
+    if root and (path == root or path.startswith(root + "/")):
+        path = path[len(root) :]
+    return path or "/"
+
+
 class OpenAIIngress:
     """A Serve deployment class; `engine` is a handle to the `EngineReplica` deployment."""
 
@@ -87,7 +97,7 @@ class OpenAIIngress:
         self.config = config or IngressConfig()
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path
+        path = _route_path(request)
         if path == "/metrics" and request.method == "GET":
             return await self.metrics(request.headers.get("authorization"))
         try:
