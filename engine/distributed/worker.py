@@ -11,9 +11,9 @@ Messages (communication.send_step / recv_step), in the order rank 0's model prox
     ("stop", None)     returns
 
 A worker that fails writes its traceback to the rendezvous store (`engine_tp_error/<rank>`,
-spawned workers) and exits, which breaks rank 0's next collective: rank 0 raises a clear error
-instead of waiting. A worker whose rank 0 is gone exits too (its wait for the next message
-fails when the connection closes; spawned workers also watch their parent's pid).
+workers the engine started) and exits, which breaks rank 0's next collective: rank 0 raises a
+clear error instead of waiting. A worker whose rank 0 is gone exits too (its wait for the next
+message fails when the connection closes; workers the engine started also poll its pid).
 """
 
 from __future__ import annotations
@@ -101,13 +101,18 @@ def run_worker(args: EngineArgs, tp: TPGroup) -> None:
                 raise RuntimeError(f"unknown step message {kind!r}")
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Exits this process when its parent (rank 0's process) is gone."""
+def _watch_engine_process(engine_pid: int) -> None:
+    """Exits this process when rank 0's process is gone (it may not be the parent: with the
+    forkserver start method, the parent is the fork server)."""
 
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent_pid:
+            try:
+                os.kill(engine_pid, 0)
+            except ProcessLookupError:
+                os._exit(3)
+            except PermissionError:  # the pid was reused by another user's process
                 os._exit(3)
 
     threading.Thread(target=watch, name="engine-tp-parent-watch", daemon=True).start()
@@ -125,7 +130,7 @@ def spawned_worker_main(
     """Entry point of a worker the executor spawned on this machine."""
     import torch.distributed as dist
 
-    _watch_parent(parent_pid)
+    _watch_engine_process(parent_pid)
     torch.set_num_threads(num_threads)
     logging.basicConfig(level=logging.WARNING)
     store = dist.TCPStore(
