@@ -175,8 +175,14 @@ def test_one_kv_head_chunked_prefill_prefix_caching_preemption(one_kv_head_path)
         attn = engine.model.layers[0].self_attn
         assert (attn.num_heads, attn.num_kv_heads) == (2, 1)
         assert engine.model.embed_tokens.weight.shape[0] == 514  # 1028 / 2
+        # The memory profile's dummy forward (scratch caches on every rank), then real steps.
+        engine._dummy_forward()
+        greedy = params_for(6)[0]
+        ours = llm.generate(prompts[:3], greedy, use_tqdm=False)
     finally:
         llm.llm_engine.shutdown()
+    theirs = LLM(str(one_kv_head_path), **COMMON).generate(prompts[:3], greedy, use_tqdm=False)
+    assert_same_outputs([ours], [theirs])
 
 
 def test_speculative_decoding_ngram_and_draft_model(checkpoints):
