@@ -1,0 +1,182 @@
+"""The Ray Serve ingress's own logic, in-process against a stand-in for the engine deployment's
+handle (no cluster): body limit, retries when a replica dies before answering, the SSE error
+event when it dies mid-stream, cancelling the replica call on disconnect, route prefixes,
+and /metrics (merge, a replica's 401 passed through, dead replicas skipped)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e .[ray])")
+
+from prometheus_client.parser import text_string_to_metric_families
+from ray.exceptions import ActorDiedError
+from starlette.requests import Request
+
+from engine.serve.ingress import REPLICA_HEADER, IngressConfig, OpenAIIngress
+from engine.serve.routing import routing_key
+
+HEAD = {"status": 200, "headers": [("Content-Type", "application/json")], "replica": "r1"}
+SSE_HEAD = {"status": 200, "headers": [("Content-Type", "text/event-stream")], "replica": "r2"}
+
+
+class FakeStream:
+    """A DeploymentResponseGenerator stand-in: yields `items`; an exception item is raised."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = list(items)
+        self.cancelled = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """The engine deployment's handle: each call takes the next scripted stream."""
+
+    def __init__(self, streams: list[FakeStream], metrics: list[Any] | None = None) -> None:
+        self.streams = streams
+        self.calls: list[tuple] = []
+        self.metrics = metrics or []
+        self.handle_http = self
+
+    def options(self, stream: bool) -> FakeHandle:
+        assert stream
+        return self
+
+    def remote(self, method, target, headers, body, routing_key=None) -> FakeStream:
+        self.calls.append((method, target, body, routing_key))
+        return self.streams.pop(0)
+
+    def broadcast(self, name: str, authorization: str | None) -> FakeHandle:
+        assert name == "metrics"
+        self.authorization = authorization
+        return self
+
+    async def results_async(self, timeout_s: float, return_exceptions: bool) -> list[Any]:
+        assert return_exceptions
+        return self.metrics
+
+
+def _request(method: str, path: str, body: bytes = b"", headers=(), root_path: str = "") -> Request:
+    sent = False
+
+    async def receive() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {
+        "type": "http", "method": method, "path": root_path + path, "root_path": root_path,
+        "query_string": b"", "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+    }  # fmt: skip
+    return Request(scope, receive)
+
+
+async def _body(response) -> bytes:
+    if hasattr(response, "body_iterator"):
+        return b"".join([chunk async for chunk in response.body_iterator])
+    return response.body
+
+
+def _call(ingress: OpenAIIngress, request: Request) -> tuple[Any, bytes]:
+    async def go():
+        response = await ingress(request)
+        return response, await _body(response)
+
+    return asyncio.run(go())
+
+
+def test_relays_the_replica_answer_with_its_routing_key_and_replica_header():
+    body = json.dumps({"prompt": "Hello there", "max_tokens": 2}).encode()
+    handle = FakeHandle([FakeStream([HEAD, b'{"ok":', b" true}"])])
+    response, data = _call(OpenAIIngress(handle), _request("POST", "/v1/completions", body))
+    assert (response.status_code, data) == (200, b'{"ok": true}')
+    assert response.headers[REPLICA_HEADER] == "r1"
+    key = routing_key("/v1/completions", {"prompt": "Hello there"})
+    assert handle.calls == [("POST", "/v1/completions", body, key)]
+
+
+def test_route_prefix_is_stripped_and_get_routes_have_no_key():
+    handle = FakeHandle([FakeStream([HEAD, b"{}"])])
+    _call(OpenAIIngress(handle), _request("GET", "/v1/models", root_path="/llama"))
+    assert handle.calls == [("GET", "/v1/models", b"", None)]
+
+
+def test_a_body_over_the_limit_is_a_413_before_any_replica_is_called():
+    handle = FakeHandle([])
+    ingress = OpenAIIngress(handle, IngressConfig(max_request_body_bytes=10))
+    big = b'{"prompt": "' + b"x" * 20 + b'"}'
+    for headers in ([("Content-Length", str(len(big)))], []):  # declared, or counted
+        response, data = _call(ingress, _request("POST", "/v1/completions", big, headers))
+        assert response.status_code == 413
+        assert json.loads(data)["error"]["code"] == 413
+    assert handle.calls == []
+
+
+def test_a_replica_that_dies_before_answering_costs_a_retry():
+    handle = FakeHandle([FakeStream([ActorDiedError()]), FakeStream([HEAD, b"{}"])])
+    response, data = _call(OpenAIIngress(handle), _request("POST", "/v1/completions", b"{}"))
+    assert (response.status_code, data, len(handle.calls)) == (200, b"{}", 2)
+    dead = [FakeStream([ActorDiedError()]) for _ in range(3)]
+    response, data = _call(OpenAIIngress(FakeHandle(dead)), _request("GET", "/health"))
+    assert response.status_code == 503
+    assert json.loads(data)["error"]["type"] == "ServiceUnavailableError"
+
+
+def test_a_replica_that_dies_mid_stream_ends_it_with_an_error_event():
+    stream = FakeStream([SSE_HEAD, b"data: {}\n\n", ActorDiedError()])
+    response, data = _call(OpenAIIngress(FakeHandle([stream])), _request("POST", "/tokenize"))
+    events = [e for e in data.decode().split("\n\n") if e]
+    assert events[0] == "data: {}" and events[-1] == "data: [DONE]"
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == 500
+    assert response.headers[REPLICA_HEADER] == "r2"
+
+
+def test_a_client_that_goes_away_cancels_the_replica_call():
+    stream = FakeStream([SSE_HEAD, b"data: 1\n\n", b"data: 2\n\n"])
+    ingress = OpenAIIngress(FakeHandle([stream]))
+
+    async def go() -> None:
+        response = await ingress(_request("POST", "/v1/completions", b"{}"))
+        chunks = response.body_iterator
+        assert await chunks.__anext__() == b"data: 1\n\n"
+        await chunks.aclose()  # Starlette closes the iterator when the client disconnects
+
+    asyncio.run(go())
+    assert stream.cancelled
+
+
+def test_metrics_merge_replicas_skip_dead_ones_and_pass_a_401_through():
+    text = "# HELP g A gauge.\n# TYPE g gauge\ng 1.0\n"
+    handle = FakeHandle([], metrics=[("b", 200, text.encode()), ActorDiedError(),
+                                     ("a", 200, text.encode())])  # fmt: skip
+    request = _request("GET", "/metrics", headers=[("Authorization", "Bearer k")])
+    response, data = _call(OpenAIIngress(handle), request)
+    assert response.status_code == 200 and handle.authorization == "Bearer k"
+    families = {f.name: f.samples for f in text_string_to_metric_families(data.decode())}
+    assert [s.labels["replica"] for s in families["g"]] == ["a", "b"]
+    assert families["engine_serve_replicas"][0].value == 2
+    denied = b'{"error": {"code": 401}}'
+    handle = FakeHandle([], metrics=[("a", 401, denied)])
+    response, data = _call(OpenAIIngress(handle), _request("GET", "/metrics"))
+    assert (response.status_code, data) == (401, denied)
+    response, data = _call(OpenAIIngress(FakeHandle([], metrics=[])), _request("GET", "/metrics"))
+    assert response.status_code == 503
