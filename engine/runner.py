@@ -155,8 +155,10 @@ def prepare_inputs(
     table = None
     if block_table is not None:
         rows = block_table.update(
-            (item.request.request_id, item.block_ids, item.num_unchanged_blocks)
-            for item in scheduled
+            [
+                (item.request.request_id, item.block_ids, item.num_unchanged_blocks)
+                for item in scheduled
+            ]
         )
         table = block_table.gather(rows)
     input_ids, positions, meta = pack_sequences(sequences, block_size, device, table)
