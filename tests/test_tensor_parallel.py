@@ -483,3 +483,17 @@ def test_float32_fast_kernels_close_to_tp1(checkpoints, quantization, tolerance)
                 assert gap < 10 * tolerance
                 break
             assert abs(ours.logprobs[i][a].logprob - theirs.logprobs[i][a].logprob) < tolerance
+
+
+def test_worker_exception_reports_its_traceback(checkpoints):
+    """A worker that raises (here: a message it does not know) leaves its traceback in the
+    rendezvous store and exits; rank 0's next step raises with that traceback in the error."""
+    path = checkpoints.variant("llama")
+    llm = LLM(str(path), tensor_parallel_size=2, **COMMON, kv_cache_memory_bytes=2**22)
+    try:
+        llm.llm_engine.executor.run("no-such-message", None, lambda: None)
+        with pytest.raises(TensorParallelError, match="unknown step message 'no-such-message'"):
+            llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
+    finally:
+        llm.llm_engine.shutdown()
+    assert not wait_no_children()
