@@ -1,5 +1,6 @@
 """bench/output_cost.py runs (--quick) and reports, per output kind, the host time per step early
-and late in the outputs and their ratio (the benchmark itself is run full-size off the suite)."""
+and late in the outputs and their ratio, and the engine's Python-level calls per step early and
+late, which for DELTA must not grow (the benchmark itself is run full-size off the suite)."""
 
 from __future__ import annotations
 
