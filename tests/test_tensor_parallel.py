@@ -34,6 +34,7 @@ from engine import LLM, SamplingParams
 from engine.distributed.executor import TensorParallelError
 from tests.family_checkpoints import FAMILY_VARIANTS, family_checkpoint
 
+ROOT = Path(__file__).resolve().parents[1]
 LOGPROB_TOL = 1e-9
 PROMPT_LENGTHS = [1, 5, 9, 17, 30]
 COMMON = {"dtype": "float64", "block_size": 4, "seed": 0}
@@ -323,7 +324,7 @@ def test_server_with_tp2_answers_a_completion(checkpoints):
         "--dtype", "float64", "--kv-cache-memory-bytes", "4MiB", "--served-model-name", "tiny",
         "--disable-access-log",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     serving = threading.Event()
 
@@ -362,9 +363,6 @@ def test_server_with_tp2_answers_a_completion(checkpoints):
 def test_torchrun_launch_two_ranks_on_one_machine(checkpoints):
     """The multi-node entry point, with both ranks on this machine: rank 0 serves, rank 1 runs
     the worker loop; the answer equals TP=1's; SIGTERM to torchrun leaves no rank behind."""
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed next to this Python")
     path = checkpoints.variant("llama")
     from engine.distributed.parallel_state import free_port
 
@@ -376,7 +374,7 @@ def test_torchrun_launch_two_ranks_on_one_machine(checkpoints):
         "--kv-cache-memory-bytes", "4MiB", "--served-model-name", "tiny", "--disable-access-log",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     serving = threading.Event()
 
@@ -419,7 +417,7 @@ def test_worker_exits_when_rank0_is_killed(checkpoints, tmp_path):
     script = tmp_path / "rank0.py"
     script.write_text(
         "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from engine import LLM\n"
         "if __name__ == '__main__':\n"
         f"    llm = LLM({str(path)!r}, tensor_parallel_size=2, dtype='float64',\n"
