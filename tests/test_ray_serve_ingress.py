@@ -20,7 +20,7 @@ from starlette.requests import Request
 from engine.serve.ingress import REPLICA_HEADER, IngressConfig, OpenAIIngress
 from engine.serve.routing import routing_key
 
-HEAD = {"status": 200, "headers": [("Content-Type", "application/json")], "replica": "r1"}
+JSON = [("Content-Type", "application/json")]
 SSE_HEAD = {"status": 200, "headers": [("Content-Type", "text/event-stream")], "replica": "r2"}
 
 
@@ -106,7 +106,8 @@ def _call(ingress: OpenAIIngress, request: Request) -> tuple[Any, bytes]:
 
 def test_relays_the_replica_answer_with_its_routing_key_and_replica_header():
     body = json.dumps({"prompt": "Hello there", "max_tokens": 2}).encode()
-    handle = FakeHandle([FakeStream([HEAD, b'{"ok":', b" true}"])])
+    head = {"status": 200, "headers": JSON, "replica": "r1", "body": b'{"ok": true}'}
+    handle = FakeHandle([FakeStream([head])])
     response, data = _call(OpenAIIngress(handle), _request("POST", "/v1/completions", body))
     assert (response.status_code, data) == (200, b'{"ok": true}')
     assert response.headers[REPLICA_HEADER] == "r1"
@@ -115,7 +116,8 @@ def test_relays_the_replica_answer_with_its_routing_key_and_replica_header():
 
 
 def test_route_prefix_is_stripped_and_get_routes_have_no_key():
-    handle = FakeHandle([FakeStream([HEAD, b"{}"])])
+    head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
+    handle = FakeHandle([FakeStream([head])])
     _call(OpenAIIngress(handle), _request("GET", "/v1/models", root_path="/llama"))
     assert handle.calls == [("GET", "/v1/models", b"", None)]
 
@@ -132,7 +134,8 @@ def test_a_body_over_the_limit_is_a_413_before_any_replica_is_called():
 
 
 def test_a_replica_that_dies_before_answering_costs_a_retry():
-    handle = FakeHandle([FakeStream([ActorDiedError()]), FakeStream([HEAD, b"{}"])])
+    head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
+    handle = FakeHandle([FakeStream([ActorDiedError()]), FakeStream([head])])
     response, data = _call(OpenAIIngress(handle), _request("POST", "/v1/completions", b"{}"))
     assert (response.status_code, data, len(handle.calls)) == (200, b"{}", 2)
     dead = [FakeStream([ActorDiedError()]) for _ in range(3)]

@@ -4,9 +4,9 @@ Ray Serve's HTTP proxy hands each request to this deployment as a Starlette `Req
 ingress reads the body (bounded by `max_request_body_bytes`), computes the prefix routing key
 (`engine.serve.routing`), and calls the engine deployment with `routing_key=` so that the
 `PrefixAffinityRouter` can place it; the replica relays it to its own `OpenAIServer` and streams
-the response back (head first, then body chunks). So every route of `python -m engine.server`
-works unchanged, with the same bodies, errors and SSE framing; each response names the replica
-that served it in the `x-engine-replica` header.
+the response back (a JSON answer in one piece, SSE chunk by chunk). So every route of
+`python -m engine.server` works unchanged, with the same bodies, errors and SSE framing; each
+response names the replica that served it in the `x-engine-replica` header.
 
 * `GET /metrics` is answered here: every live replica's exposition, each series labelled
   `replica` (`engine.serve.metrics`), plus `engine_serve_replicas` (how many answered).
@@ -95,6 +95,7 @@ class OpenAIIngress:
     def __init__(self, engine: DeploymentHandle, config: IngressConfig | None = None) -> None:
         self.engine = engine
         self.config = config or IngressConfig()
+        self._streaming = engine.options(stream=True)
 
     async def __call__(self, request: Request) -> Response:
         path = _route_path(request)
@@ -109,9 +110,9 @@ class OpenAIIngress:
         headers = list(request.headers.items())
         last_error: BaseException | None = None
         for _ in range(self.config.max_attempts):
-            stream: DeploymentResponseGenerator = self.engine.options(
-                stream=True
-            ).handle_http.remote(request.method, target, headers, body, routing_key=key)
+            stream: DeploymentResponseGenerator = self._streaming.handle_http.remote(
+                request.method, target, headers, body, routing_key=key
+            )
             try:
                 head = await stream.__anext__()
             except _REPLICA_GONE as e:
@@ -156,16 +157,9 @@ class OpenAIIngress:
         headers = {k: v for k, v in head["headers"] if k.lower() not in _DROPPED_RESPONSE_HEADERS}
         headers[REPLICA_HEADER] = head["replica"]
         status = head["status"]
-        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
-        if content_type.startswith("text/event-stream"):
-            return StreamingResponse(self._relay_sse(stream), status_code=status, headers=headers)
-        chunks = []
-        try:
-            async for chunk in stream:
-                chunks.append(chunk)
-        except _REPLICA_GONE as e:
-            return _error(APIError(f"The engine replica failed: {e}", status=503))
-        return Response(b"".join(chunks), status_code=status, headers=headers)
+        if "body" in head:  # a whole JSON answer
+            return Response(head["body"], status_code=status, headers=headers)
+        return StreamingResponse(self._relay_sse(stream), status_code=status, headers=headers)
 
     async def _relay_sse(self, stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
         finished = False

@@ -7,9 +7,10 @@ Routes, validation, errors, limits, SSE framing and metrics are therefore exactl
 `python -m engine.server`; nothing is re-implemented here.
 
 `handle_http` is an async generator (called with `handle.options(stream=True)`): its first item is
-the response head `{"status", "headers", "replica"}`, every later item a chunk of the body as
-the loopback server wrote it. Closing the generator early (client gone) closes the loopback
-request, which aborts the engine request and frees its KV blocks, as a disconnect does.
+the response head `{"status", "headers", "replica"}`. A JSON answer comes whole in the head
+(`"body"`); an SSE stream follows as body chunks, as the loopback server wrote them. Closing the
+generator early (client gone) closes the loopback request, which aborts the engine request and
+frees its KV blocks, as a disconnect does.
 
 The server's loop is a plain asyncio `SelectorEventLoop`, not the process's default: Ray Serve
 installs uvloop's policy in replicas, and the server's connection guard needs asyncio's own
@@ -41,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EngineReplica", "ResponseHead"]
 
-ResponseHead = dict[str, Any]  # {"status": int, "headers": [[name, value]...], "replica": str}
+# {"status": int, "headers": [(name, value)...], "replica": str[, "body": bytes]}
+ResponseHead = dict[str, Any]
 
 # Headers that belong to one connection (RFC 9110 7.6.1) or that aiohttp recomputes.
 _HOP_BY_HOP = frozenset(
@@ -118,11 +120,16 @@ class EngineReplica:
             data=body or None,
             allow_redirects=False,
         ) as response:
-            yield {
+            head: ResponseHead = {
                 "status": response.status,
                 "headers": forwardable(list(response.headers.items())),
                 "replica": self.name,
             }
+            if response.content_type != "text/event-stream":
+                head["body"] = await response.read()  # one Ray item for a whole JSON answer
+                yield head
+                return
+            yield head
             async for chunk in response.content.iter_any():
                 yield chunk
 
