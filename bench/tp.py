@@ -15,7 +15,9 @@ through the kernel's loopback); the point of TP is a model that does not fit one
 GPUs with NVLink, where the all-reduce is microseconds.
 
 Printed: generated tokens/s over the offline batch, and the median time of a batch-1 decode
-step (one request, after its prompt), with TP=2's ratio to TP=1 from the same run.
+step (one request, after its prompt), with TP=2's ratio to TP=1 from the same run; then the
+time of one gloo all-reduce of a decode row measured on the TP=2 engine's own group, and what
+the step's 2L + 1 of them add up to.
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ def decode_step_ms(llm: LLM, prompt: list[int], steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def run(path: Path, tp: int, threads: int, args: argparse.Namespace) -> tuple[float, float]:
+def run(
+    path: Path, tp: int, threads: int, args: argparse.Namespace
+) -> tuple[float, float, float | None]:
+    """(offline tokens/s, batch-1 decode ms/step, TP only: seconds per all-reduce of one
+    decode row [1, hidden])."""
     torch.set_num_threads(threads)  # TP=2's worker takes the same count (one per rank)
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 1024) for _ in range(args.prompt_len)] for _ in range(args.n)]
@@ -76,9 +82,14 @@ def run(path: Path, tp: int, threads: int, args: argparse.Namespace) -> tuple[fl
     try:
         throughput = offline_tokens_per_s(llm, prompts, args.output_len)
         latency = decode_step_ms(llm, prompts[0], args.latency_steps)
+        all_reduce_s = None
+        executor = llm.llm_engine.executor
+        if executor is not None:
+            hidden = llm.llm_engine.model_config.hf_config.hidden_size
+            all_reduce_s = executor.time_all_reduce((1, hidden), torch.float32, repeats=200)
     finally:
         llm.llm_engine.shutdown()
-    return throughput, latency
+    return throughput, latency, all_reduce_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     shape, name = (TINY_SHAPE, "tp-tiny") if args.quick else (TP_SHAPE, "tp-smollm-8h")
     path = build_checkpoint(shape, name)
 
-    base_tps, base_ms = run(path, tp=1, threads=2, args=args)
-    tp_tps, tp_ms = run(path, tp=2, threads=1, args=args)
+    base_tps, base_ms, _ = run(path, tp=1, threads=2, args=args)
+    tp_tps, tp_ms, all_reduce_s = run(path, tp=2, threads=1, args=args)
+    assert all_reduce_s is not None
     print(
         f"model {name}: {args.n} requests x ({args.prompt_len} prompt + {args.output_len} "
         f"output) tokens; batch-1 decode over {args.latency_steps} steps; float32"
@@ -116,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         "vs TP=1",
     ]
     print(format_table(headers, rows))
+    layers = int(shape["num_hidden_layers"])
+    per_step = 2 * layers + 1  # o_proj and down_proj per layer, the embedding
+    print(
+        f"gloo all-reduce of one decode row [1, {shape['hidden_size']}] float32: "
+        f"{all_reduce_s * 1e6:.0f} us; a decode step has {per_step} (2 x {layers} layers + "
+        f"the embedding): {per_step * all_reduce_s * 1e3:.2f} ms of TP=2's {tp_ms:.2f} ms/step "
+        "(plus the step header and the logits gather)"
+    )
     return 0
 
 

@@ -1,9 +1,10 @@
-"""bench/tp.py --quick (tiny model, about 20 s): TP=1 and TP=2 both run and the table gives
-TP=2's ratios to TP=1 from the same run."""
+"""bench/tp.py --quick (tiny model, about 20 s): TP=1 and TP=2 both run, the table gives
+TP=2's ratios to TP=1 from the same run, and the all-reduce line its measured cost."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,7 @@ def test_tp_bench_quick_prints_both_configs_with_ratios():
     # The ratios are the printed figures' (which are rounded to 3 digits).
     assert abs(float(rows["TP=2"][2].rstrip("x")) / (tp_tps / base_tps) - 1) < 0.02
     assert abs(float(rows["TP=2"][4].rstrip("x")) / (tp_ms / base_ms) - 1) < 0.02
+    # The TP=2 engine's own all-reduce, timed with its worker, and the step's count of them.
+    line = r"all-reduce of one decode row \[1, 64\] float32: (\d+) us; a decode step has 5"
+    m = re.search(line, out)
+    assert m is not None and int(m.group(1)) > 0, out

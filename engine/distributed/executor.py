@@ -237,6 +237,19 @@ class TensorParallelExecutor:
     def init_cache(self, num_blocks: int, block_size: int) -> None:
         self.run("init_cache", (num_blocks, block_size), lambda: None)
 
+    def time_all_reduce(
+        self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32, repeats: int = 100
+    ) -> float:
+        """Seconds per all-reduce of a `shape` tensor over the group, every rank taking part
+        (what each row-parallel layer and the embedding pay per step)."""
+        from engine.distributed.worker import time_all_reduce
+
+        return self.run(
+            "time_all_reduce",
+            (tuple(shape), dtype, repeats),
+            lambda: time_all_reduce(self.tp, tuple(shape), dtype, repeats),
+        )
+
     # ---- shutdown ----------------------------------------------------------------------------
 
     def shutdown(self) -> None:

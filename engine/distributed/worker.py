@@ -8,6 +8,7 @@ Messages (communication.send_step / recv_step), in the order rank 0's model prox
     ("logits", hidden [N, H])   the shard's LM head rows, gathered on rank 0
     ("init_cache", (num_blocks, block_size))   allocates the rank's KV cache: rank 0's block
                        count, this rank's KV heads
+    ("time_all_reduce", (shape, dtype, repeats))   times all-reduces with rank 0 (benchmarks)
     ("stop", None)     returns
 
 A worker that fails writes its traceback to the rendezvous store (`engine_tp_error/<rank>`,
@@ -95,10 +96,25 @@ def run_worker(args: EngineArgs, tp: TPGroup) -> None:
                 kv_caches = allocate_kv_cache(
                     model_config, CacheConfig(block_size, num_blocks, kv_cache_memory_bytes=0)
                 )
+            elif kind == "time_all_reduce":
+                time_all_reduce(tp, *payload)
             elif kind == "stop":
                 return
             else:
                 raise RuntimeError(f"unknown step message {kind!r}")
+
+
+def time_all_reduce(tp: TPGroup, shape: tuple[int, ...], dtype: torch.dtype, repeats: int) -> float:
+    """Seconds per all-reduce of a tensor of `shape` (every rank runs this in step; the
+    benchmark's measure of what one row-parallel layer's communication costs)."""
+    from engine.distributed.communication import all_reduce
+
+    x = torch.zeros(shape, dtype=dtype, device=tp.device)
+    all_reduce(x, tp)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        all_reduce(x, tp)
+    return (time.perf_counter() - start) / repeats
 
 
 def _watch_engine_process(engine_pid: int) -> None:
