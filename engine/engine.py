@@ -8,6 +8,12 @@ output carries follows the request's `SamplingParams.output_kind`: everything so
 (CUMULATIVE), only what is new since its previous output (DELTA, built in time proportional to
 that), or one output at the end (FINAL_ONLY, what `LLM.generate` uses).
 
+With `tensor_parallel_size` > 1 the engine first starts (or, under torchrun, joins) the worker
+ranks, loads rank 0's shard of the model and wraps it in `TensorParallelModel`
+(engine/distributed), which broadcasts every forward and logits call to the workers: the runner,
+the scheduler, the sampler and everything above them are unchanged. `shutdown()` stops the
+workers (also run when the engine is collected and at exit).
+
 Invariants: every request id the caller gives is unique among live requests; a request that
 fails validation is never added (nothing else is touched); once a group's requests have all
 finished, its blocks are free and the engine forgets it after returning its last output.
