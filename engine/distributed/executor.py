@@ -1,8 +1,8 @@
 """Rank 0's side of tensor parallelism: the workers, the model proxy, failures and shutdown.
 
 `TensorParallelExecutor.create(args, device)` either
-  * starts ranks 1 .. n-1 on this machine (multiprocessing's forkserver, or spawn with
-    ENGINE_TP_START_METHOD=spawn; daemon processes),
+  * starts ranks 1 .. n-1 on this machine (daemon processes from multiprocessing's forkserver
+    on CPU, spawn on CUDA or with ENGINE_TP_START_METHOD=spawn),
     with a TCPStore rendezvous on 127.0.0.1 and a free port, and joins them in a process group
     (gloo on CPU, NCCL on CUDA); or
   * when torch.distributed is already initialized by `engine.distributed.launch` (torchrun:
@@ -72,13 +72,15 @@ def set_launched_group(tp: TPGroup | None) -> None:
 _PRELOAD = ["engine.distributed.worker", "engine.models.loader", "engine.fast.registry"]
 
 
-def _start_context() -> Any:
-    """How workers start: ENGINE_TP_START_METHOD, default forkserver where the platform has it
-    (a clean single-threaded server process started once per engine process, with the engine
-    imported: a worker then starts in well under a second instead of re-importing torch and
-    transformers, 5-15 s on the 2-core machines), else spawn. Never fork: the engine process
-    has threads (OpenMP, the server's loop)."""
-    default = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+def _start_context(device: torch.device) -> Any:
+    """How workers start: ENGINE_TP_START_METHOD, by default on CPU forkserver where the
+    platform has it (a clean single-threaded server process started once per engine process,
+    with the engine imported: a worker then starts in about a second instead of re-importing
+    torch and transformers, 5-15 s on the 2-core machines), else spawn; on CUDA spawn (a fork
+    server that touched the CUDA driver while importing could not hand it to its children).
+    Never fork: the engine process has threads (OpenMP, the server's loop)."""
+    has_forkserver = "forkserver" in multiprocessing.get_all_start_methods()
+    default = "forkserver" if has_forkserver and device.type == "cpu" else "spawn"
     method = os.environ.get("ENGINE_TP_START_METHOD", default)
     if method not in ("forkserver", "spawn"):
         raise ValueError(f"ENGINE_TP_START_METHOD must be forkserver or spawn, got {method!r}")
@@ -142,7 +144,7 @@ class TensorParallelExecutor:
         )
         # Workers need only what loads the model: logits processors stay on rank 0.
         worker_args = args.replace(logits_processors=None, speculative_config=None)
-        ctx = _start_context()
+        ctx = _start_context(device)
         processes = []
         executor = cls(TPGroup(0, size), processes, store)
         try:
