@@ -207,6 +207,11 @@ def test_shared_prefixes_land_on_the_replica_that_owns_them(served):
     assert set(hits) == set(replicas) and min(hits.values()) > 0
 
 
+def test_each_replica_runs_the_threads_it_was_given(served):
+    handle = serve.get_deployment_handle(REPLICA_NAME, app_name=APP)
+    assert handle.broadcast("num_threads").results(timeout_s=60) == [(1, "1"), (1, "1")]
+
+
 def test_metrics_hold_every_replica(served):
     families = _metrics(served)
     assert families["engine_serve_replicas"][0].value == 2

@@ -1,7 +1,10 @@
-"""The Ray Serve ingress's own logic, in-process against a stand-in for the engine deployment's
-handle (no cluster): body limit, retries when a replica dies before answering, the SSE error
-event when it dies mid-stream, cancelling the replica call on disconnect, route prefixes,
-and /metrics (merge, a replica's 401 passed through, dead replicas skipped)."""
+"""The Ray Serve ingress and replica classes in-process (no cluster; Ray must be installed).
+
+The ingress against a stand-in for the engine deployment's handle: body limit, retries when a
+replica dies before answering, the SSE error event when it dies mid-stream, cancelling the replica
+call on disconnect, route prefixes, and /metrics (merge, a replica's 401 passed through, dead
+replicas skipped). The replica with a real engine: JSON answers whole in the head, SSE in chunks,
+its thread count, health, shutdown."""
 
 from __future__ import annotations
 
@@ -183,3 +186,44 @@ def test_metrics_merge_replicas_skip_dead_ones_and_pass_a_401_through():
     assert (response.status_code, data) == (401, denied)
     response, data = _call(OpenAIIngress(FakeHandle([], metrics=[])), _request("GET", "/metrics"))
     assert response.status_code == 503
+
+
+def test_engine_replica_in_process_relays_json_and_sse_and_bounds_its_threads(llama_path):
+    """`EngineReplica` outside Ray: its loopback server answers, a JSON answer comes whole in
+    the head, a stream as SSE chunks; it sets the threads it was given; health; shutdown."""
+    import torch
+
+    from engine import EngineArgs
+    from engine.serve.replica import EngineReplica
+    from engine.server import ServerConfig
+
+    before = torch.get_num_threads()
+    want = before + 1
+    args = EngineArgs(model=str(llama_path), max_model_len=256, kv_cache_memory_bytes=8 * 2**20)
+    config = ServerConfig(served_model_names=("tiny",), log_stats_interval=None, access_log=False)
+    replica = EngineReplica(args, config, num_threads=want)
+    try:
+        assert replica.num_threads() == (want, str(want))
+
+        async def go() -> tuple[list, list]:
+            await replica.check_health()
+            body = json.dumps({"prompt": "Hello", "max_tokens": 3}).encode()
+            headers = [("Content-Type", "application/json"), ("Content-Length", "999")]
+            whole = [x async for x in replica.handle_http("POST", "/v1/completions", headers, body)]
+            stream = json.dumps({"prompt": "Hello", "max_tokens": 3, "stream": True}).encode()
+            sse = [x async for x in replica.handle_http("POST", "/v1/completions", headers, stream)]
+            await replica._session.close()
+            return whole, sse
+
+        whole, sse = asyncio.run(go())
+        assert len(whole) == 1 and whole[0]["status"] == 200
+        assert json.loads(whole[0]["body"])["usage"]["completion_tokens"] == 3
+        assert all(k.lower() not in ("content-length", "transfer-encoding") for k, _ in
+                   whole[0]["headers"])  # fmt: skip
+        assert "body" not in sse[0] and sse[0]["status"] == 200
+        events = b"".join(sse[1:]).decode().strip().split("\n\n")
+        assert events[-1] == "data: [DONE]" and len(events) >= 4
+    finally:
+        replica.__del__()
+        torch.set_num_threads(before)
+    assert not replica._loopback._thread.is_alive()

@@ -142,6 +142,10 @@ class EngineReplica:
     def replica_name(self) -> str:
         return self.name
 
+    def num_threads(self) -> tuple[int, str | None]:
+        """(torch's intra-op threads, OMP_NUM_THREADS) in this replica's process."""
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+
     async def check_health(self) -> None:
         """Serve's periodic health probe: the loopback server's GET /health (503 once the engine
         has stopped; no answer if the server thread died). Raising makes Serve replace us."""
