@@ -110,10 +110,10 @@ def assert_same_outputs(ours, theirs) -> None:
                         assert abs(entry_a[token].logprob - entry_b[token].logprob) < LOGPROB_TOL
 
 
-def compare(path, prompts, check=None, **kwargs):
-    """TP=2 against TP=1 with the same arguments; returns both engines' stats. `check(engine)`
-    runs on the TP=2 engine."""
-    ours, ours_stats = generate(path, prompts, 2, check=check, **kwargs)
+def compare(path, prompts, check=None, tp: int = 2, **kwargs):
+    """TP=`tp` against TP=1 with the same arguments; returns both engines' stats.
+    `check(engine)` runs on the TP=`tp` engine."""
+    ours, ours_stats = generate(path, prompts, tp, check=check, **kwargs)
     theirs, theirs_stats = generate(path, prompts, 1, **kwargs)
     assert_same_outputs(ours, theirs)
     assert not wait_no_children(), "a worker outlived its engine"
@@ -140,6 +140,22 @@ def test_other_families_tp2_equal_tp1(family_root, tokenizer, key):
     kwargs = {"max_model_len": 32} if key.startswith("phi3") else {}
     lengths = [1, 4, 8, 2, 6] if key.startswith("phi3") else PROMPT_LENGTHS
     compare(path, prompts_for(1024, lengths), kv_cache_memory_bytes=2**22, **kwargs)
+
+
+def test_reference_engine_and_four_ranks(checkpoints):
+    """The reference path (reference scheduler and attention) sharded over 2 ranks, and the
+    fast path over 4 ranks (3 workers; 2 KV heads each replicated on 2 ranks; 4 vocabulary
+    pieces gathered), both equal to TP=1."""
+    path = checkpoints.variant("llama")
+    prompts = prompts_for(1024)[:3]
+    compare(path, prompts, scheduler="reference", attention_backend="reference")
+
+    def check(engine) -> None:
+        assert len(engine.executor.processes) == 3
+        attn = engine.model.layers[0].self_attn
+        assert (attn.num_heads, attn.num_kv_heads) == (1, 1)
+
+    compare(path, prompts, check=check, tp=4, kv_cache_memory_bytes=2**22)
 
 
 @pytest.fixture(scope="module")
