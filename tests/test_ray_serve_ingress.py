@@ -18,6 +18,7 @@ pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip instal
 
 from prometheus_client.parser import text_string_to_metric_families
 from ray.exceptions import ActorDiedError
+from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
 from engine.serve.ingress import REPLICA_HEADER, IngressConfig, OpenAIIngress
@@ -144,6 +145,15 @@ def test_a_replica_that_dies_before_answering_costs_a_retry():
     dead = [FakeStream([ActorDiedError()]) for _ in range(3)]
     response, data = _call(OpenAIIngress(FakeHandle(dead)), _request("GET", "/health"))
     assert response.status_code == 503
+    assert json.loads(data)["error"]["type"] == "ServiceUnavailableError"
+
+
+def test_too_many_requests_waiting_for_a_replica_is_a_503_with_retry_after():
+    full = FakeHandle(
+        [FakeStream([BackPressureError(num_queued_requests=5, max_queued_requests=5)])]
+    )
+    response, data = _call(OpenAIIngress(full), _request("POST", "/v1/completions", b"{}"))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     assert json.loads(data)["error"]["type"] == "ServiceUnavailableError"
 
 

@@ -13,6 +13,8 @@ response names the replica that served it in the `x-engine-replica` header.
 * A replica that dies before sending a response head (killed, node lost) costs a retry on
   another replica (`max_attempts` in all); one that dies mid-stream ends an SSE stream with an
   error event and `data: [DONE]`, as the server does for a failed step.
+* More requests waiting for a replica than the engine deployment's `max_queued_requests` (the
+  server's `--max-waiting-requests`): 503 with `Retry-After`, as the plain server answers.
 
 Invariants: a request is answered with the replica's status, headers and bytes, or with OpenAI's
 error JSON (413 body too large, 503 no replica could take it); an early client disconnect
@@ -110,10 +112,10 @@ class OpenAIIngress:
         headers = list(request.headers.items())
         last_error: BaseException | None = None
         for _ in range(self.config.max_attempts):
-            stream: DeploymentResponseGenerator = self._streaming.handle_http.remote(
-                request.method, target, headers, body, routing_key=key
-            )
             try:
+                stream: DeploymentResponseGenerator = self._streaming.handle_http.remote(
+                    request.method, target, headers, body, routing_key=key
+                )
                 head = await stream.__anext__()
             except _REPLICA_GONE as e:
                 logger.warning("a replica failed before answering %s; retrying: %s", path, e)

@@ -129,6 +129,8 @@ def build_app(ns: argparse.Namespace) -> Application:
     replica = serve.deployment(EngineReplica, name=REPLICA_NAME).options(
         num_replicas=ns.replicas,
         max_ongoing_requests=max_ongoing,
+        # Past this many requests waiting in a router for a replica: 503, as the server answers.
+        max_queued_requests=server_config.max_waiting_requests or -1,
         ray_actor_options={"num_cpus": ns.num_threads_per_replica, "num_gpus": gpus},
         request_router_config=RequestRouterConfig(
             request_router_class=ROUTER_CLASS_PATH,
