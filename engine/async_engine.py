@@ -230,11 +230,17 @@ class AsyncEngine:
         max_waiting_requests: int | None = None,
         observer: RequestObserver | None = None,
         heap_trimmer: HeapTrimmer | None = None,
+        num_threads: int | None = None,
     ) -> None:
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        # torch intra-op (OpenMP) threads of the steps; None: torch's setting. Fewer threads than
+        # cores leave cores to the event loop and the server's workers (see `engine_threads`).
+        self.num_threads = num_threads
         self.observer = observer
         # Called on the engine thread right before each step, inside its error handling: a hook
         # that raises makes that step fail like a real one (fault-injection soaks and tests).
@@ -430,6 +436,10 @@ class AsyncEngine:
 
     def _run(self) -> None:
         engine = self.engine
+        if self.num_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.num_threads)  # this thread's OpenMP team
         try:
             idle_wait: float | None = None
             while True:

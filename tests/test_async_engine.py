@@ -416,3 +416,30 @@ def test_start_and_add_free_the_loop_threads_openmp_team(make_engine, monkeypatc
     loop_thread = run(main())
     assert len(calls) >= 2  # start() and the add
     assert set(calls) == {loop_thread}  # never from the step thread (it keeps its team)
+
+
+def test_num_threads_sets_the_step_threads_torch_threads_only(make_engine):
+    """`num_threads` (the server's reserved cores) applies to the engine thread's steps; the
+    loop thread keeps its own setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = before + 1  # differs from the default, whatever OMP_NUM_THREADS says
+    seen: list[int] = []
+    engine = make_engine(num_threads=wanted)
+    engine.fault_hook = lambda: seen.append(torch.get_num_threads())  # on the engine thread
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def main():
+        stream = await engine.add_request("r0", PROMPTS[0], params)
+        await stream.final()
+        await engine.shutdown()
+
+    try:
+        run(main())
+        assert seen and set(seen) == {wanted}
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)  # threads started later take the process-wide value
+    with pytest.raises(ValueError, match="num_threads"):
+        make_engine(num_threads=0)

@@ -168,6 +168,43 @@ def test_body_too_large_is_413_json(server):
     assert_serves(server.url)
 
 
+def test_declared_oversized_body_is_refused_unread(server):
+    """A Content-Length over the limit gets its 413 at once (no waiting for, reading or parsing
+    the upload), with `Connection: close`; the server stops reading the connection and closes it
+    shortly after."""
+    with socket.create_connection(address(server.url), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000000000\r\n\r\n{"prompt": "'  # the rest never comes
+        )
+        start = time.monotonic()
+        reply = b""
+        while chunk := sock.recv(4096):  # until the server closes
+            reply += chunk
+        elapsed = time.monotonic() - start
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply  # not the 408 of a body waited for
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == 413
+    assert elapsed < 0.9  # request_body_timeout is 1 s: nobody waited for the body
+    assert_serves(server.url)
+
+
+def test_body_limit_follows_the_prompt_limits(llama_path):
+    """The body limit is the smaller of --max-request-body-bytes and what a valid request can
+    need (its most prompts of the most characters, plus 1 MiB)."""
+    with make_server(llama_path, max_prompts_per_request=4) as thread:
+        server = thread.server
+        needed = 4 * server.limits.max_prompt_chars + 2**20
+        assert server.limits.max_prompt_chars == 32 * 256  # chars per token x max_model_len
+        assert server.max_request_body_bytes == needed < server.config.max_request_body_bytes
+        body = {"model": MODEL, "prompt": "a" * (needed + 1)}
+        status, _, raw = call("POST", thread.url + "/v1/completions", body)
+        assert status == 413 and str(needed) in json.loads(raw)["error"]["message"]
+        body = {"model": MODEL, "prompt": ["The river"] * 4, "max_tokens": 2}
+        assert call("POST", thread.url + "/v1/completions", body)[0] == 200
+
+
 def test_body_that_does_not_arrive_is_408(server):
     with socket.create_connection(address(server.url), timeout=10) as sock:
         sock.sendall(
@@ -227,6 +264,28 @@ def test_request_chat_template_is_bounded_and_off_the_event_loop(server):
     status, _, raw = call("POST", server.url + "/tokenize", body)
     assert status == 200 and json.loads(raw)["count"] >= 1
     assert_serves(server.url)
+
+
+def test_template_timeout_keeps_its_worker_and_workers_run_niced(server):
+    """A render that runs over its timeout is interrupted inside its worker, which stays: a stream
+    of hostile templates does not cost a process start (about a second of CPU) each. Workers
+    run at a lower CPU priority than the server."""
+    renderer = server.server.inputs.renderer
+    fine = {"model": MODEL, "messages": MESSAGES}
+    assert call("POST", server.url + "/tokenize", fine)[0] == 200  # a worker is running
+    spawned = renderer.num_spawned
+    heavy = {"model": MODEL, "messages": MESSAGES, "chat_template": HEAVY_LOOP}
+    for _ in range(2):
+        start = time.monotonic()
+        status, _, raw = call("POST", server.url + "/tokenize", heavy)
+        assert status == 400 and "longer than 1 s" in json.loads(raw)["error"]["message"]
+        assert time.monotonic() - start < 1.0 + 0.9  # before the parent's kill deadline
+    assert call("POST", server.url + "/tokenize", fine)[0] == 200
+    assert renderer.num_spawned == spawned  # no worker was killed and replaced
+    import os
+
+    for worker in list(renderer._all):
+        assert os.getpriority(os.PRIO_PROCESS, worker.proc.pid) == min(19, os.nice(0) + 10)
 
 
 def test_prestarted_worker_renders_at_once(llama_path):
@@ -320,6 +379,30 @@ def test_limit_flags_map_onto_server_config(llama_path):
         prestart_chat_template_worker=True,
         warm_structured_outputs=True,
     )
+
+
+def test_reserved_cpus_leave_cores_to_the_server(llama_path, monkeypatch):
+    """ENGINE_CPU_NUM_OF_RESERVED_CPU (or vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU) gives the engine
+    thread that many fewer torch threads; 0 (the default) leaves torch's setting."""
+    import torch
+
+    from engine.server import __main__ as cli
+    from engine.server.app import engine_threads
+
+    argv = ["--model", str(llama_path)]
+    monkeypatch.delenv("ENGINE_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    assert cli.server_config_from(cli.build_parser().parse_args(argv)).reserved_cpus == 1
+    monkeypatch.setenv("ENGINE_CPU_NUM_OF_RESERVED_CPU", "2")
+    assert cli.server_config_from(cli.build_parser().parse_args(argv)).reserved_cpus == 2
+    assert engine_threads(0) is None
+    assert engine_threads(1) == max(1, torch.get_num_threads() - 1)
+    assert engine_threads(10**6) == 1
+    with pytest.raises(ValueError, match="reserved_cpus"):
+        ServerConfig(reserved_cpus=-1)
+    with make_server(llama_path, reserved_cpus=1) as thread:
+        assert thread.server.async_engine.num_threads == engine_threads(1)
+        assert_serves(thread.url)
 
 
 def test_max_connections_fit_the_open_files_limit(monkeypatch):

@@ -53,6 +53,7 @@ ENGINE_FLAGS = (
 )
 DEMO_MODEL_NAME = "demo"
 API_KEY_ENV = ("ENGINE_API_KEY", "VLLM_API_KEY")
+RESERVED_CPU_ENV = ("ENGINE_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$")
 
@@ -290,6 +291,11 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
     api_key = ns.api_key
     if api_key is None:
         api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
+    reserved = next((os.environ[k] for k in RESERVED_CPU_ENV if os.environ.get(k)), "0")
+    try:
+        reserved_cpus = int(reserved)
+    except ValueError:
+        raise ValueError(f"{RESERVED_CPU_ENV[0]} must be an integer, got {reserved!r}") from None
     chat_template = ns.chat_template
     if chat_template is not None and os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:
@@ -317,6 +323,7 @@ def server_config_from(ns: argparse.Namespace) -> ServerConfig:
         request_header_timeout=ns.request_header_timeout or None,
         request_body_timeout=ns.request_body_timeout or None,
         timeout_keep_alive=ns.timeout_keep_alive,
+        reserved_cpus=reserved_cpus,
         prestart_chat_template_worker=True,
         enable_auto_tool_choice=ns.enable_auto_tool_choice,
         tool_call_parser=ns.tool_call_parser,

@@ -8,9 +8,10 @@
   JSON string become an object, which is what templates that iterate arguments expect.
 * `ChatTemplateRenderer`: renders to text in a small pool of worker processes
   (`template_worker.py`; the caller tokenizes, as `apply_chat_template` does, without special
-  tokens). Each render has a time limit (the worker is killed and replaced when
-  it runs over), an address-space limit and a limit on the rendered text's length. Calls block,
-  so the server makes them from a thread, never from its event loop.
+  tokens). Each render has a time limit (the worker interrupts itself when it runs over, and
+  is killed and replaced when it does not answer `KILL_GRACE_S` later), an address-space limit
+  and a limit on the rendered text's length; workers run at a lower CPU priority (`niceness`).
+  Calls block, so the server makes them from a thread, never from its event loop.
 
 Invariant: a failed or timed-out render raises `ChatTemplateError` (a ValueError: HTTP 400) and
 leaves the pool with the same number of usable workers.
@@ -45,6 +46,9 @@ __all__ = [
 ContentFormat = Literal["string", "openai"]
 _HEADER = struct.Struct(">I")
 _WORKER = Path(__file__).with_name("template_worker.py")
+# How long after its own timer a worker that has not answered is killed (it is stuck in one
+# long C-level operation, which the timer cannot interrupt).
+KILL_GRACE_S = 1.0
 
 
 class ChatTemplateError(ValueError):
@@ -123,10 +127,10 @@ def _tool_call_arguments(call: Any) -> Any:
 class _Worker:
     """One worker process and its pipes; used by one thread at a time."""
 
-    def __init__(self, memory_limit: int) -> None:
+    def __init__(self, memory_limit: int, niceness: int) -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, str(_WORKER), str(memory_limit)],
+            [sys.executable, str(_WORKER), str(memory_limit), str(niceness)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -181,8 +185,10 @@ class ChatTemplateRenderer:
     """A pool of `num_workers` template worker processes, started on first use.
 
     `render` blocks (call it from a thread): it waits for a free worker (started workers are
-    reused first) and returns the rendered text. `timeout_s` bounds one render; `start_timeout_s`
-    bounds a worker's start (importing transformers' template module).
+    reused first) and returns the rendered text. `timeout_s` bounds one render (a render that
+    runs over is interrupted inside its worker, which stays; one that does not answer
+    `KILL_GRACE_S` later has its worker killed); `start_timeout_s` bounds a worker's start
+    (importing transformers' template module); `niceness` lowers the workers' CPU priority.
     """
 
     def __init__(
@@ -192,12 +198,15 @@ class ChatTemplateRenderer:
         timeout_s: float = 5.0,
         start_timeout_s: float = 60.0,
         memory_limit_bytes: int = 4 * 2**30,
+        niceness: int = 10,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
         self.memory_limit_bytes = memory_limit_bytes
+        self.niceness = niceness
+        self.num_spawned = 0  # worker processes started so far (tests, diagnostics)
         # Free slots, last in first out so a started worker is reused before a new one starts;
         # None means "no process yet" (started lazily by whoever takes the slot).
         self._free: queue.LifoQueue[_Worker | None] = queue.LifoQueue()
@@ -227,6 +236,7 @@ class ChatTemplateRenderer:
             "documents": kwargs.pop("documents", None),
             "kwargs": kwargs,
             "max_chars": max_chars,
+            "timeout_s": self.timeout_s,
         }
         worker = self._free.get()
         try:
@@ -235,7 +245,7 @@ class ChatTemplateRenderer:
             if worker is None:
                 worker = self._spawn()
             try:
-                reply = worker.call(request, self.timeout_s, self.start_timeout_s)
+                reply = worker.call(request, self.timeout_s + KILL_GRACE_S, self.start_timeout_s)
             except TimeoutError:
                 self._discard(worker)
                 worker = None
@@ -250,6 +260,10 @@ class ChatTemplateRenderer:
                 ) from None
         finally:
             self._free.put(worker)
+        if reply.get("timeout"):
+            raise ChatTemplateError(
+                f"rendering the chat template took longer than {self.timeout_s:g} s"
+            )
         if "error" in reply:
             raise ChatTemplateError(str(reply["error"]))
         return str(reply["text"])
@@ -278,8 +292,9 @@ class ChatTemplateRenderer:
             worker.kill()
 
     def _spawn(self) -> _Worker:
-        worker = _Worker(self.memory_limit_bytes)
+        worker = _Worker(self.memory_limit_bytes, self.niceness)
         with self._lock:
+            self.num_spawned += 1
             self._all.add(worker)
         return worker
 
