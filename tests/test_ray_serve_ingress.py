@@ -137,6 +137,18 @@ def test_a_body_over_the_limit_is_a_413_before_any_replica_is_called():
     assert handle.calls == []
 
 
+def test_a_body_that_does_not_arrive_in_time_is_a_408():
+    async def never() -> dict:
+        await asyncio.sleep(3600)
+        return {}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+             "query_string": b"", "headers": []}  # fmt: skip
+    ingress = OpenAIIngress(FakeHandle([]), IngressConfig(request_body_timeout=0.1))
+    response, data = _call(ingress, Request(scope, never))
+    assert response.status_code == 408 and json.loads(data)["error"]["code"] == 408
+
+
 def test_a_replica_that_dies_before_answering_costs_a_retry():
     head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
     handle = FakeHandle([FakeStream([ActorDiedError()]), FakeStream([head])])

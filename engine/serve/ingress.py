@@ -17,8 +17,8 @@ response names the replica that served it in the `x-engine-replica` header.
   server's `--max-waiting-requests`): 503 with `Retry-After`, as the plain server answers.
 
 Invariants: a request is answered with the replica's status, headers and bytes, or with OpenAI's
-error JSON (413 body too large, 503 no replica could take it); an early client disconnect
-cancels the replica call, which aborts the engine request.
+error JSON (408 body too slow, 413 body too large, 503 no replica could take it); an early client
+disconnect cancels the replica call, which aborts the engine request.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class IngressConfig:
     prefix_chars: int = DEFAULT_PREFIX_CHARS
     max_request_body_bytes: int = 32 * 2**20
+    request_body_timeout: float | None = 60.0  # seconds the body has to arrive (None: no limit)
     max_attempts: int = 3  # replicas tried for one request when replicas die before answering
     metrics_timeout_s: float = 10.0
 
@@ -103,10 +104,14 @@ class OpenAIIngress:
         path = _route_path(request)
         if path == "/metrics" and request.method == "GET":
             return await self.metrics(request.headers.get("authorization"))
+        timeout = self.config.request_body_timeout
         try:
-            body = await self._read_body(request)
+            body = await asyncio.wait_for(self._read_body(request), timeout)
         except APIError as e:
             return _error(e)
+        except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+            message = f"The request body did not arrive within {timeout:g} s"
+            return _error(APIError(message, status=408))
         key = self._routing_key(request.method, path, body)
         target = path + (f"?{request.url.query}" if request.url.query else "")
         headers = list(request.headers.items())

@@ -148,6 +148,7 @@ def build_app(ns: argparse.Namespace) -> Application:
     config = IngressConfig(
         prefix_chars=ns.routing_prefix_chars,
         max_request_body_bytes=server_config.max_request_body_bytes,
+        request_body_timeout=server_config.request_body_timeout,
     )
     return ingress.bind(
         replica.bind(engine_args, server_config, ns.num_threads_per_replica), config

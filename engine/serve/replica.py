@@ -154,7 +154,7 @@ class EngineReplica:
                 self.url + "/health", timeout=aiohttp.ClientTimeout(total=10)
             ) as response:
                 status = response.status
-        except (aiohttp.ClientError, TimeoutError) as e:
+        except (aiohttp.ClientError, TimeoutError, asyncio.TimeoutError) as e:
             raise RuntimeError(f"engine replica {self.name}: no health answer ({e})") from e
         if status != 200:
             raise RuntimeError(f"engine replica {self.name}: /health answered {status}")
