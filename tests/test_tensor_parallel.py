@@ -57,9 +57,19 @@ def children() -> list[psutil.Process]:
     return out
 
 
-def wait_no_children(timeout: float = 10.0) -> list[psutil.Process]:
+def child_pids() -> set[int]:
+    """Taken before a test starts engines: processes other tests' fixtures keep (a server's
+    helper, a Ray cluster) are not this test's to account for."""
+    return {p.pid for p in children()}
+
+
+def new_children(before: set[int]) -> list[psutil.Process]:
+    return [p for p in children() if p.pid not in before]
+
+
+def wait_no_new_children(before: set[int], timeout: float = 10.0) -> list[psutil.Process]:
     deadline = time.monotonic() + timeout
-    while (left := children()) and time.monotonic() < deadline:
+    while (left := new_children(before)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
 
@@ -113,10 +123,11 @@ def assert_same_outputs(ours, theirs) -> None:
 def compare(path, prompts, check=None, tp: int = 2, **kwargs):
     """TP=`tp` against TP=1 with the same arguments; returns both engines' stats.
     `check(engine)` runs on the TP=`tp` engine."""
+    before = child_pids()
     ours, ours_stats = generate(path, prompts, tp, check=check, **kwargs)
     theirs, theirs_stats = generate(path, prompts, 1, **kwargs)
     assert_same_outputs(ours, theirs)
-    assert not wait_no_children(), "a worker outlived its engine"
+    assert not wait_no_new_children(before), "a worker outlived its engine"
     return ours_stats, theirs_stats
 
 
@@ -270,6 +281,7 @@ def test_int4_group_that_does_not_divide_the_shard_is_a_clear_error(checkpoints)
     from engine.quantization import selection
 
     path = checkpoints.variant("llama")
+    before = child_pids()
     original = selection.Int4LinearMethod
     try:
         selection.Int4LinearMethod = lambda _g: original(64)  # type: ignore[assignment]
@@ -277,21 +289,24 @@ def test_int4_group_that_does_not_divide_the_shard_is_a_clear_error(checkpoints)
             LLM(str(path), tensor_parallel_size=2, quantization="int4", **COMMON)
     finally:
         selection.Int4LinearMethod = original  # type: ignore[assignment]
-    assert not wait_no_children()
+    assert not wait_no_new_children(before)
 
 
 def test_size_that_does_not_divide_the_heads_fails_cleanly(checkpoints):
     path = checkpoints.variant("llama")  # 4 query heads
+    before = child_pids()
     with pytest.raises(ValueError, match=r"tensor_parallel_size 3 does not divide"):
         LLM(str(path), tensor_parallel_size=3, **COMMON)
-    assert not wait_no_children()
+    assert not wait_no_new_children(before)
 
 
 def test_killed_worker_raises_within_seconds_and_nothing_is_left(checkpoints):
     path = checkpoints.variant("llama")
+    before = child_pids()
     llm = LLM(str(path), tensor_parallel_size=2, **COMMON, kv_cache_memory_bytes=2**22)
     engine = llm.llm_engine
-    (worker,) = children()
+    (worker,) = engine.executor.processes
+    assert [p.pid for p in new_children(before)] == [worker.pid]
     killed_at: list[float] = []
 
     def kill_soon() -> None:
@@ -311,23 +326,24 @@ def test_killed_worker_raises_within_seconds_and_nothing_is_left(checkpoints):
     with pytest.raises(TensorParallelError):
         llm.generate([[5, 6]], params, use_tqdm=False)
     engine.shutdown()
-    assert not wait_no_children()
+    assert not wait_no_new_children(before)
 
 
 def test_shutdown_and_garbage_collection_leave_no_process(checkpoints):
     path = checkpoints.variant("llama")
+    before = child_pids()
     llm = LLM(str(path), tensor_parallel_size=2, **COMMON, kv_cache_memory_bytes=2**22)
-    assert len(children()) == 1
+    assert len(new_children(before)) == 1
     out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
     del llm, out
     gc.collect()  # the engine's finalizer stops its worker
-    assert not wait_no_children()
+    assert not wait_no_new_children(before)
     # ... and releases the process group: a new tensor-parallel engine can start here.
     llm = LLM(str(path), tensor_parallel_size=2, **COMMON, kv_cache_memory_bytes=2**22)
     llm.llm_engine.shutdown()
     llm.llm_engine.shutdown()  # idempotent
-    assert not wait_no_children()
+    assert not wait_no_new_children(before)
 
 
 def test_server_with_tp2_answers_a_completion(checkpoints):
@@ -503,6 +519,7 @@ def test_worker_exception_reports_its_traceback(checkpoints):
     """A worker that raises (here: a message it does not know) leaves its traceback in the
     rendezvous store and exits; rank 0's next step raises with that traceback in the error."""
     path = checkpoints.variant("llama")
+    before = child_pids()
     llm = LLM(str(path), tensor_parallel_size=2, **COMMON, kv_cache_memory_bytes=2**22)
     try:
         llm.llm_engine.executor.run("no-such-message", None, lambda: None)
@@ -510,4 +527,23 @@ def test_worker_exception_reports_its_traceback(checkpoints):
             llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4), use_tqdm=False)
     finally:
         llm.llm_engine.shutdown()
-    assert not wait_no_children()
+    assert not wait_no_new_children(before)
+
+
+def test_tp1_has_no_proxy_no_group_and_no_collective(checkpoints):
+    """tensor_parallel_size 1 runs as before: the model itself (no proxy), no executor, no
+    process group, every layer on the trivial group."""
+    import torch.distributed as dist
+
+    from engine.distributed.executor import TensorParallelModel
+    from engine.models.layers import Linear
+
+    before = child_pids()
+    llm = LLM(str(checkpoints.variant("llama")), **COMMON, kv_cache_memory_bytes=2**22)
+    engine = llm.llm_engine
+    assert engine.executor is None and not isinstance(engine.model, TensorParallelModel)
+    assert not dist.is_initialized()
+    linears = [m for m in engine.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.parallel is None and not m.tp.is_parallel for m in linears)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert not new_children(before)
