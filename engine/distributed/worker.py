@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 import traceback
@@ -147,6 +148,9 @@ def spawned_worker_main(
     import torch.distributed as dist
 
     _watch_engine_process(parent_pid)
+    # Ctrl-C in a terminal reaches every process of the foreground group: rank 0 decides what
+    # it means (the server drains its requests first) and stops its workers itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(num_threads)
     logging.basicConfig(level=logging.WARNING)
     store = dist.TCPStore(
