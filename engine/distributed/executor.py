@@ -2,9 +2,9 @@
 
 `TensorParallelExecutor.create(args, device)` either
   * starts ranks 1 .. n-1 on this machine (daemon processes from multiprocessing's forkserver
-    on CPU, spawn on CUDA or with ENGINE_TP_START_METHOD=spawn),
-    with a TCPStore rendezvous on 127.0.0.1 and a free port, and joins them in a process group
-    (gloo on CPU, NCCL on CUDA); or
+    on CPU, spawn on CUDA or with ENGINE_TP_START_METHOD=spawn), with a TCPStore rendezvous on
+    127.0.0.1 (a port the OS picks), and joins them in a process group (gloo on CPU, NCCL on
+    CUDA); or
   * when torch.distributed is already initialized by `engine.distributed.launch` (torchrun:
     RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, other ranks running the worker loop on
     their machines), takes that group.
@@ -43,7 +43,6 @@ from engine.distributed.parallel_state import (
     TPGroup,
     collective_timeout,
     destroy_groups,
-    free_port,
     init_groups,
 )
 from engine.distributed.worker import ERROR_KEY, READY_KEY, spawned_worker_main
@@ -138,10 +137,11 @@ class TensorParallelExecutor:
                 "tensor_parallel_size: this process already holds a torch.distributed process "
                 "group (one tensor-parallel engine per process; shut the other one down first)"
             )
-        addr, port = "127.0.0.1", free_port()
-        store = dist.TCPStore(
-            addr, port, size, is_master=True, wait_for_workers=False, timeout=collective_timeout()
+        addr = "127.0.0.1"
+        store = dist.TCPStore(  # port 0: the OS picks a free one, no race with other processes
+            addr, 0, size, is_master=True, wait_for_workers=False, timeout=collective_timeout()
         )
+        port = store.port
         # Workers need only what loads the model: logits processors stay on rank 0.
         worker_args = args.replace(logits_processors=None, speculative_config=None)
         ctx = _start_context(device)
