@@ -205,6 +205,25 @@ def test_body_limit_follows_the_prompt_limits(llama_path):
         assert call("POST", thread.url + "/v1/completions", body)[0] == 200
 
 
+def test_big_bodies_parse_in_a_worker_process(server):
+    """A body over 256 KiB is parsed in the body parser's process (json.loads holds the GIL); it
+    comes back and is validated like any other, unless it holds more JSON values than a valid
+    request can, which the worker refuses naming the field."""
+    parser = server.server.body_parser
+    body = {"model": MODEL, "prompt": "a" * 300_000}
+    status, _, raw = call("POST", server.url + "/v1/completions", body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "prompt" and "300000 characters" in error["message"]
+    assert parser.num_spawned == 1
+    count = parser.max_values + 1
+    assert 3 * count < server.server.max_request_body_bytes  # "1, " per value fits the limit
+    status, _, raw = call("POST", server.url + "/v1/completions", {"prompt": [1] * count})
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "prompt" and "JSON values" in error["message"]
+    assert parser.num_spawned == 1
+    assert_serves(server.url)
+
+
 def test_body_that_does_not_arrive_is_408(server):
     with socket.create_connection(address(server.url), timeout=10) as sock:
         sock.sendall(

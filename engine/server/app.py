@@ -7,7 +7,9 @@ Threads: the event loop runs the handlers; tokenizing and chat templates run off
 (`inputs.InputProcessor`), the engine on the AsyncEngine's thread. The loop keeps one tokenizer
 of its own only to render single tokens' text in responses (logprobs), so no tokenizer or engine
 object is used by two threads. The loop does no work proportional to an input's size beyond
-parsing its JSON; every size is bounded first (`ServerConfig`, `protocol.RequestLimits`).
+reading its body and parsing a small one (bodies over 256 KiB parse in a worker process,
+`body_parser.BodyParser`); a body over the limit is refused on its Content-Length, unread; every
+other size is bounded before any work (`ServerConfig`, `protocol.RequestLimits`).
 
 Invariants: every error leaves as `{"error": {...}}` JSON with its HTTP status (unknown routes,
 methods and malformed HTTP included) and no internal object's repr; a request that ends for any
@@ -44,6 +46,7 @@ from engine.async_engine import (
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.server import protocol as P
+from engine.server.body_parser import BodyError, BodyParser
 from engine.server.connections import ConnectionGuard, GuardedSockSite, install_log_rate_limits
 from engine.server.inputs import InputProcessor
 from engine.server.metrics import CONTENT_TYPE_LATEST, ServerMetrics, StatsLogger
@@ -139,6 +142,14 @@ class OpenAIServer:
         self.max_request_body_bytes = min(
             self.config.max_request_body_bytes,
             self.limits.max_prompts * self.limits.max_prompt_chars + 2**20,
+        )
+        # Bodies over 256 KiB are parsed in a worker process (json.loads holds the GIL), and one
+        # holding more JSON values than a valid request can (its most token-id prompts at full
+        # context, plus a logit_bias / allowed_token_ids over the vocabulary) is refused there.
+        self.body_parser = BodyParser(
+            max_values=self.limits.max_prompts * self.max_model_len
+            + 2 * self.model_config.vocab_size
+            + 2**16
         )
         # The loop's own tokenizer: single tokens' text for logprobs (see the module docstring).
         self.tokenizer = load_tokenizer(
@@ -258,7 +269,12 @@ class OpenAIServer:
             raise P.APIError(
                 f"The request body did not arrive within {timeout:g} s", status=408
             ) from None
-        return P.parse_json_body(raw)
+        if self.body_parser.is_inline(raw):
+            return P.parse_json_body(raw)
+        try:  # in the parser's worker process, waited for on a thread
+            return await asyncio.to_thread(self.body_parser.parse, raw)
+        except BodyError as e:
+            raise P.APIError(e.message, param=e.param) from e
 
     # ---- simple routes ---------------------------------------------------------------------------
 
@@ -530,6 +546,7 @@ class OpenAIServer:
         await runner.cleanup()
         await self.async_engine.shutdown()
         self.inputs.close()
+        self.body_parser.close()
         if self._log_task is not None:
             self._log_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

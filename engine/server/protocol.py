@@ -28,6 +28,8 @@ from typing import Any
 
 from engine.request import Logprob
 from engine.sampling_params import RequestOutputKind, SamplingParams
+from engine.server.body_parser import BodyError, parse_json_object
+from engine.server.body_parser import json_type as _json_type
 from engine.structured.openai import (
     GUIDED_FIELDS,
     _functions,
@@ -86,70 +88,13 @@ class APIError(Exception):
         }
 
 
-# A `\uD800`-`\uDFFF` escape: the only way a JSON text can hold a lone surrogate.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abAB89a-fA-F][0-9a-fA-F]{2}")
-
-
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object, or a 400 (also for nesting too deep to parse and for
     strings holding a lone UTF-16 surrogate, which no tokenizer can encode)."""
-
-    def reject_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not valid JSON")
-
     try:
-        body = json.loads(raw or b"null", parse_constant=reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(f"The request body is not valid JSON: {e}") from e
-    except RecursionError:
-        raise APIError("The request body is not valid JSON: it is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise APIError(f"The request body must be a JSON object, got {_json_type(body)}")
-    if _SURROGATE_ESCAPE.search(raw):  # rare: only then walk the body (pairs are fine)
-        for name, value in body.items():
-            if not _valid_unicode(name) or not _valid_unicode(value):
-                raise APIError(
-                    f"{name} holds a lone UTF-16 surrogate (not valid Unicode text)",
-                    param=name if _valid_unicode(name) else None,
-                )
-    return body
-
-
-def _valid_unicode(value: Any) -> bool:
-    """No string inside `value` holds a lone surrogate (iterative: any nesting depth)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return False
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-    return True
-
-
-# ---- field readers -------------------------------------------------------------------------
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+        return parse_json_object(raw)
+    except BodyError as e:
+        raise APIError(e.message, param=e.param) from e
 
 
 def _is_int(value: Any) -> bool:
