@@ -27,8 +27,7 @@ class BlockIdsSnapshot(Sequence[int]):
     __slots__ = ("_ids", "_length")
 
     def __init__(self, ids: list[int], length: int) -> None:
-        assert 0 <= length <= len(ids)
-        self._ids = ids
+        self._ids = ids  # 0 <= length <= len(ids), and ids[:length] never changes
         self._length = length
 
     def __len__(self) -> int:

@@ -122,9 +122,10 @@ class KVCacheManager:
                 del self._blocks[request.request_id]
                 del self._ids[request.request_id]
             return False
-        self.pool.touch(computed_blocks)
-        blocks.extend(computed_blocks)
-        ids.extend(b.block_id for b in computed_blocks)
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+            ids.extend(b.block_id for b in computed_blocks)
         if need > 0:
             new_blocks = self.pool.allocate(need)
             blocks.extend(new_blocks)
