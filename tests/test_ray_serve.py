@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,29 @@ def test_shared_prefixes_land_on_the_replica_that_owns_them(served):
     # Each replica reused its prefixes' KV blocks.
     hits = {s.labels["replica"]: s.value for s in _metrics(served)["vllm:prefix_cache_hits"]}
     assert set(hits) == set(replicas) and min(hits.values()) > 0
+
+
+def test_an_overloaded_owner_spills_to_the_least_loaded_replica(served):
+    """12 long requests of one prefix at once: the owner takes them until it has more than the
+    imbalance threshold (8) in flight beyond the other replica, which then takes the excess."""
+    replicas = _replicas(served)
+    owner, other = replicas
+    prompt = _owned_prompt(owner, replicas, "Busy")
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 600, "ignore_eos": True}
+
+    async def burst() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+
+            async def one() -> str:
+                async with session.post(served + "/v1/completions", json=body) as response:
+                    assert response.status == 200
+                    return response.headers[REPLICA_HEADER]
+
+            return await asyncio.gather(*(one() for _ in range(12)))
+
+    placed = Counter(asyncio.run(burst()))
+    assert placed[owner] >= 9 and placed[other] >= 1, placed
+    assert placed[owner] + placed[other] == 12
 
 
 def test_each_replica_runs_the_threads_it_was_given(served):

@@ -249,3 +249,57 @@ def test_engine_replica_in_process_relays_json_and_sse_and_bounds_its_threads(ll
         replica.__del__()
         torch.set_num_threads(before)
     assert not replica._loopback._thread.is_alive()
+
+
+def test_router_counts_its_placements_so_a_burst_spills_past_the_threshold():
+    """Ray's queue-length cache lags a burst (it is updated after each send); the router's own
+    count must make the owner's excess go to the other replica, and return to zero."""
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+    from ray.serve.request_router import PendingRequest, ReplicaID
+
+    from engine.serve.router import PrefixAffinityRouter
+    from engine.serve.routing import rendezvous_order
+
+    deployment = DeploymentID(name="EngineReplica", app_name="app")
+    router = PrefixAffinityRouter(
+        deployment_id=deployment, handle_source=DeploymentHandleSource.UNKNOWN
+    )
+    router.initialize_state(imbalance_threshold=2)
+    replicas = {n: SimpleNamespace(replica_id=ReplicaID(n, deployment)) for n in ("a", "b")}
+    key = routing_key("/v1/completions", {"prompt": "shared"})
+    owner, other = rendezvous_order(key, list(replicas))
+
+    async def scenario() -> None:
+        def request(i: int) -> PendingRequest:
+            metadata = SimpleNamespace(internal_request_id=f"r{i}")
+            return PendingRequest(args=[], kwargs={"routing_key": key}, metadata=metadata)
+
+        pending = [request(i) for i in range(6)]
+        firsts = []
+        for pr in pending[:5]:
+            ranks = await router.choose_replicas(list(replicas.values()), pr)
+            firsts.append(ranks[0][0].replica_id.unique_id)
+        # Loads 0, 1, 2 on the owner; at 3 (> 0 + 2) the other; then 3 - 1 <= 2: the owner.
+        assert firsts == [owner, owner, owner, other, owner]
+        assert router.load(replicas[owner].replica_id) == 4
+        # Ray picks another replica than the first rank for request 0: the count follows.
+        pending[0].future.set_result(replicas[other])
+        # Request 1 is cancelled before it is sent: released.
+        pending[1].future.cancel()
+        await asyncio.sleep(0)
+        assert router.load(replicas[owner].replica_id) == 2
+        assert router.load(replicas[other].replica_id) == 2
+        # Routing the same request again (a new round) does not count it twice.
+        await router.choose_replicas(list(replicas.values()), pending[2])
+        assert sum(router._in_flight.values()) == 4  # r0, r2, r3, r4
+        for pr in pending[2:5]:
+            pr.future.set_result(replicas[owner])
+        await asyncio.sleep(0)
+        router.on_request_completed(replicas[other].replica_id, "r0")
+        router.on_request_completed(replicas[owner].replica_id, "r2")
+        router.on_replica_actor_died(replicas[owner].replica_id)  # r3 and r4 die with it
+        assert router._placed == {} and router._in_flight == {}
+
+    asyncio.run(scenario())

@@ -95,16 +95,23 @@ def test_rank_prefers_the_prefix_owner_unless_it_is_overloaded():
     key = routing_key("/v1/completions", {"prompt": SHARED})
     owner, other = rendezvous_order(key, ["a", "b"])
     assert rank_replicas(key, {"a": 0, "b": 0}, 8) == [[owner], [other]]
-    # Unknown queue lengths never look overloaded.
+    # Unknown queue lengths count as empty.
     assert rank_replicas(key, {"a": None, "b": None}, 8) == [[owner], [other]]
-    # Up to the threshold beyond the least loaded replica: still the owner.
+    # Up to the threshold beyond the least loaded replica: still the owner first.
     assert rank_replicas(key, {owner: 8, other: 0}, 8) == [[owner], [other]]
-    # Beyond it: one rank of every replica, from which Ray takes the least loaded.
-    assert rank_replicas(key, {owner: 9, other: 0}, 8) == [[owner, other]]
-    # No key (GET routes, bodies that are not JSON): the least loaded of all.
-    assert rank_replicas(None, {"a": 3, "b": 1}, 8) == [["a", "b"]]
+    # Beyond it: the least loaded first.
+    assert rank_replicas(key, {owner: 9, other: 0}, 8) == [[other], [owner]]
+    assert rank_replicas(key, {owner: 3, other: 0}, 0) == [[other], [owner]]
+    # No key (GET routes, bodies that are not JSON): least loaded first, ties by name.
+    assert rank_replicas(None, {"a": 3, "b": 1}, 8) == [["b"], ["a"]]
+    assert rank_replicas(None, {"b": 0, "a": 0}, 8) == [["a"], ["b"]]
     assert rank_replicas(key, {"solo": 5}, 0) == [["solo"]]
     assert rank_replicas(key, {}, 8) == []
+    # Three replicas: after the owner, the others by load.
+    three = {"a": 4, "b": 2, "c": 3}
+    first = rendezvous_order(key, list(three))[0]
+    rest = sorted((n for n in three if n != first), key=three.get)
+    assert rank_replicas(key, three, 8) == [[first], *([n] for n in rest)]
 
 
 def test_merged_metrics_keep_every_replica_and_parse():

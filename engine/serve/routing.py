@@ -9,14 +9,14 @@ ranks replicas for that key:
 * the preferred replica is the one with the highest rendezvous score `hash(key, replica)`
   (highest-random-weight hashing): every router computes the same choice without sharing state,
   and when a replica leaves or joins only the keys it owned move;
-* it is taken unless its queue is longer than the shortest one by more than
-  `imbalance_threshold` requests (then the least loaded replica takes the request) or it is full
+* it is taken unless it has more requests in flight than the least loaded replica by more than
+  `imbalance_threshold` (then the least loaded replica takes the request) or it is full
   (`max_ongoing_requests`; Ray then tries the next rank: the least loaded of the others);
 * a request without a key (GET routes, a body that is not JSON) goes to the least loaded replica.
 
 Invariants: `routing_key` is a pure function of (path, body, prefix_chars), stable across
 processes and Python versions (blake2b, never `hash()`); `rank_replicas` returns each known
-replica at most once, the preferred first.
+replica exactly once, one per rank, the preferred first.
 """
 
 from __future__ import annotations
@@ -102,26 +102,24 @@ def rendezvous_order(key: str, replicas: Sequence[str]) -> list[str]:
 
 def rank_replicas(
     key: str | None,
-    queue_lens: Mapping[str, int | None],
+    loads: Mapping[str, int | None],
     imbalance_threshold: int = DEFAULT_IMBALANCE_THRESHOLD,
 ) -> list[list[str]]:
-    """Ranks of replica names for one request, most preferred rank first. Ray's router takes the
-    least loaded replica of the first rank that has room, so a rank of several replicas means
-    "the least loaded of these".
+    """Every replica once, one per rank, most preferred first (Ray tries the ranks in order and
+    takes the first replica with room).
 
-    `queue_lens`: each live replica's requests in flight, None where unknown (an unknown length
-    never makes the preferred replica look overloaded).
+    `loads`: each live replica's requests in flight (None where unknown: counted as 0). With a
+    key, the key's owner comes first unless its load exceeds the least loaded replica's by more
+    than `imbalance_threshold`; the others follow, least loaded first. Without a key, or when the
+    owner is overloaded, all replicas come least loaded first (ties by name).
     """
-    names = list(queue_lens)
-    if not names:
+    if not loads:
         return []
+    load = {name: q or 0 for name, q in loads.items()}
+    by_load = sorted(load, key=lambda name: (load[name], name))
     if key is None:
-        return [names]
-    order = rendezvous_order(key, names)
-    preferred = order[0]
-    known = [q for q in queue_lens.values() if q is not None]
-    least = min(known, default=0)
-    mine = queue_lens[preferred]
-    if mine is not None and mine - least > imbalance_threshold:
-        return [names]  # overloaded next to the least loaded: that one takes it
-    return [[preferred], order[1:]] if len(order) > 1 else [[preferred]]
+        return [[name] for name in by_load]
+    owner = rendezvous_order(key, list(load))[0]
+    if load[owner] - load[by_load[0]] > imbalance_threshold:
+        return [[name] for name in by_load]  # overloaded next to the least loaded: that one first
+    return [[owner], *([name] for name in by_load if name != owner)]
