@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("ray.serve", reason="ray[serve] is not installed (pip install -e .[ray])")
 
 from prometheus_client.parser import text_string_to_metric_families
-from ray.exceptions import ActorDiedError
+from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
@@ -151,9 +151,12 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408():
 
 def test_a_replica_that_dies_before_answering_costs_a_retry():
     head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
-    handle = FakeHandle([FakeStream([ActorDiedError()]), FakeStream([head])])
+    # Killed, or its loopback server gone (the replica's call raised: a RayTaskError).
+    broken = RayTaskError("handle_http", "Traceback...", ConnectionRefusedError("loopback"))
+    streams = [FakeStream([ActorDiedError()]), FakeStream([broken]), FakeStream([head])]
+    handle = FakeHandle(streams)
     response, data = _call(OpenAIIngress(handle), _request("POST", "/v1/completions", b"{}"))
-    assert (response.status_code, data, len(handle.calls)) == (200, b"{}", 2)
+    assert (response.status_code, data, len(handle.calls)) == (200, b"{}", 3)
     dead = [FakeStream([ActorDiedError()]) for _ in range(3)]
     response, data = _call(OpenAIIngress(FakeHandle(dead)), _request("GET", "/health"))
     assert response.status_code == 503

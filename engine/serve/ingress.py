@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["REPLICA_HEADER", "IngressConfig", "OpenAIIngress"]
 
 REPLICA_HEADER = "x-engine-replica"
-# Errors that mean "this replica is gone or unreachable": safe to retry before any byte was sent.
-_REPLICA_GONE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError)
+# Errors that mean "this replica is gone, unreachable or failed to relay" (RayTaskError: its
+# loopback server did not answer): safe to retry before any byte was sent.
+_REPLICA_GONE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError, RayTaskError)
 # Response headers Starlette sets itself.
 _DROPPED_RESPONSE_HEADERS = frozenset({"date", "server", "content-length", "transfer-encoding"})
 _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"

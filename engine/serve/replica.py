@@ -139,9 +139,6 @@ class EngineReplica:
         async with self._client().get(self.url + "/metrics", headers=headers) as response:
             return self.name, response.status, await response.read()
 
-    def replica_name(self) -> str:
-        return self.name
-
     def num_threads(self) -> tuple[int, str | None]:
         """(torch's intra-op threads, OMP_NUM_THREADS) in this replica's process."""
         return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
