@@ -119,6 +119,16 @@ def test_relays_the_replica_answer_with_its_routing_key_and_replica_header():
     assert handle.calls == [("POST", "/v1/completions", body, key)]
 
 
+def test_a_body_too_large_to_parse_on_the_loop_is_routed_without_a_key():
+    from engine.serve.ingress import _MAX_ROUTED_BODY_BYTES
+
+    head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
+    handle = FakeHandle([FakeStream([head])])
+    body = json.dumps({"prompt": "x" * _MAX_ROUTED_BODY_BYTES}).encode()
+    _call(OpenAIIngress(handle), _request("POST", "/v1/completions", body))
+    assert handle.calls[0][3] is None
+
+
 def test_route_prefix_is_stripped_and_get_routes_have_no_key():
     head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
     handle = FakeHandle([FakeStream([head])])

@@ -51,6 +51,9 @@ _REPLICA_GONE = (RayActorError, ActorUnavailableError, DeploymentUnavailableErro
 # Response headers Starlette sets itself.
 _DROPPED_RESPONSE_HEADERS = frozenset({"date", "server", "content-length", "transfer-encoding"})
 _PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Bodies parsed for a routing key on the event loop (json.loads holds the GIL: a thread would not
+# help); a larger body (a prompt of about a million characters) is routed without one.
+_MAX_ROUTED_BODY_BYTES = 4 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,8 @@ class OpenAIIngress:
     def _routing_key(self, method: str, path: str, body: bytes) -> str | None:
         if method != "POST" or path not in ROUTED_PATHS:
             return None
+        if len(body) > _MAX_ROUTED_BODY_BYTES:
+            return None  # parsing would stall this event loop; the least loaded replica takes it
         try:
             parsed: Any = json.loads(body)
         except (ValueError, RecursionError):
