@@ -103,12 +103,12 @@ def count_calls(fn: Callable[[], object]) -> int:
     return count
 
 
-def measure(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> Row:
+def start_engine(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> LLMEngine:
+    """An engine with the benchmark's requests added."""
     max_len = PROMPT_LEN + args.output_len + 1
     engine = LLMEngine(
         EngineArgs(model=str(model), dtype="float32", max_model_len=max_len, seed=args.seed)
     )
-    timer = ForwardTimer(engine.runner.model)
     rng = random.Random(args.seed)
     for i in range(args.batch_size):
         prompt = [rng.randrange(3, TINY_SHAPE["vocab_size"]) for _ in range(PROMPT_LEN)]
@@ -126,6 +126,21 @@ def measure(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> R
             output_kind=kind,
         )
         engine.add_request(str(i), prompt, params)
+    return engine
+
+
+def warm_up(model: Path, args: argparse.Namespace) -> None:
+    """The first steps of the process's first engine run slower (kernel and allocator caches
+    warming up for each new shape), which would inflate the first row's early window: run
+    those steps once, untimed."""
+    engine = start_engine(model, RequestOutputKind.DELTA, args)
+    for _ in range(args.early + args.window):
+        engine.step()
+
+
+def measure(model: Path, kind: RequestOutputKind, args: argparse.Namespace) -> Row:
+    engine = start_engine(model, kind, args)
+    timer = ForwardTimer(engine.runner.model)
     # Steps whose calls are counted (not timed): block_size steps (every request starts one
     # new block in them) right after the early window and right before the late one.
     block_size = engine.cache_config.block_size
@@ -203,6 +218,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     model = build_checkpoint(
         {**TINY_SHAPE, "max_position_embeddings": max_pos}, f"tiny-llama-{max_pos}"
     )
+    warm_up(model, args)
     rows = [measure(model, RequestOutputKind[kind], args) for kind in args.output_kinds]
     print(
         f"{args.batch_size} requests, outputs of {args.output_len} tokens, tiny model; host = "
