@@ -28,7 +28,9 @@ machine. During the abuse phases the abuser keeps these running at once:
   at its header timeout. (Beyond the cap, new connections get a 503 at once: the cap protects
   the process's file handles, not other clients; tests/test_server_limits.py checks it.)
 * big bodies: a 30 MB prompt string, a 48 MB array of one-character prompts, a 20 MB /tokenize,
-  JSON nested 100,000 deep (each a 4xx);
+  a 16 MB array of 8M token ids (under the demo model's body limit: parsed, in the server's
+  parser process, and refused for holding more values than a valid request), JSON nested
+  100,000 deep (each a 4xx);
 * long stops: 1,000 stop strings of 4,000 characters (400), and the largest allowed stop lists
   on a 64-token generation (200);
 * heavy chat templates: loops of 10^10 iterations and 21 MB outputs (the server runs with
@@ -142,6 +144,12 @@ def abusive_requests(scale: float) -> list[tuple[str, str, bytes, set[int]]]:
             {400, 413},
         ),
         ("20 MB tokenize", "/tokenize", js({"prompt": "a" * (big * 2 // 3)}), {400, 413}),
+        (
+            "8M token ids (16 MB)",
+            "/v1/completions",
+            b'{"prompt": [' + b"1," * (count * 2 // 3) + b"1]}",
+            {400, 413},
+        ),
         (
             "deep JSON",
             "/v1/completions",

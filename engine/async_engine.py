@@ -277,6 +277,11 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self._dead is None
 
     @property
+    def stopped(self) -> bool:
+        """No thread steps the engine (never started, or stopped): its owner may release it."""
+        return self._thread is None or not self._thread.is_alive()
+
+    @property
     def dead_error(self) -> BaseException | None:
         return self._dead
 

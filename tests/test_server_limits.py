@@ -424,6 +424,18 @@ def test_reserved_cpus_leave_cores_to_the_server(llama_path, monkeypatch):
         assert_serves(thread.url)
 
 
+def test_server_shutdown_shuts_the_engine_down(llama_path, monkeypatch):
+    """With tensor parallelism the engine owns worker processes: the server's shutdown calls
+    LLMEngine.shutdown() once the engine thread has stopped."""
+    calls = []
+    thread = make_server(llama_path)
+    monkeypatch.setattr(thread.server._engine, "shutdown", lambda: calls.append("shutdown"))
+    with thread:
+        assert_serves(thread.url)
+        assert not calls
+    assert calls == ["shutdown"] and thread.server.async_engine.stopped
+
+
 def test_max_connections_fit_the_open_files_limit(monkeypatch):
     import resource
 

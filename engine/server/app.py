@@ -545,6 +545,8 @@ class OpenAIServer:
             logger.info("closed %d connections still open at shutdown", aborted)
         await runner.cleanup()
         await self.async_engine.shutdown()
+        if self.async_engine.stopped:  # nobody steps the engine any more
+            self._engine.shutdown()  # tensor parallelism: stops its worker processes
         self.inputs.close()
         self.body_parser.close()
         if self._log_task is not None:
