@@ -539,13 +539,14 @@ class LLMEngine:
             request, checker = group.requests[index], group.stop_checkers[index]
             params = request.sampling_params
             sent, sent_text = group.sent_tokens[index], group.sent_text[index]
-            text = checker.visible_text(finished=request.is_finished)
+            finished = request.is_finished
+            text = checker.visible_text_since(sent_text, finished=finished)  # O(new text)
             group.sent_tokens[index] = request.num_output_tokens
-            group.sent_text[index] = len(text)
+            group.sent_text[index] = checker.visible_length(finished=finished)
             completions.append(
                 CompletionOutput(
                     index=index,
-                    text=text[sent_text:],
+                    text=text,
                     token_ids=request.output_token_ids[sent:],
                     cumulative_logprob=(
                         request.cumulative_logprob if params.logprobs is not None else None
