@@ -424,6 +424,20 @@ def test_reserved_cpus_leave_cores_to_the_server(llama_path, monkeypatch):
         assert_serves(thread.url)
 
 
+def test_default_max_n_leaves_running_slots_to_other_requests(llama_path):
+    """By default one request's samples take at most half of --max-num-seqs: with n equal to
+    max_num_seqs it would hold every running slot and other requests would wait for it to end."""
+    with make_server(llama_path, engine_kw={"max_num_seqs": 8}) as thread:
+        assert thread.server.limits.max_n == 4
+        body = {"model": MODEL, "prompt": "hi", "n": 4, "max_tokens": 2, "ignore_eos": True}
+        status, _, raw = call("POST", thread.url + "/v1/completions", body)
+        assert status == 200 and len(json.loads(raw)["choices"]) == 4
+        status, _, raw = call("POST", thread.url + "/v1/completions", {**body, "n": 5})
+        assert status == 400 and json.loads(raw)["error"]["param"] == "n"
+    with make_server(llama_path, engine_kw={"max_num_seqs": 8}, max_n=8) as thread:
+        assert thread.server.limits.max_n == 8  # --max-n still sets it
+
+
 def test_server_shutdown_shuts_the_engine_down(llama_path, monkeypatch):
     """With tensor parallelism the engine owns worker processes: the server's shutdown calls
     LLMEngine.shutdown() once the engine thread has stopped."""

@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-n",
         type=int,
         default=None,
-        help="most samples (n) per prompt (default: --max-num-seqs)",
+        help="most samples (n) per prompt (default: half of --max-num-seqs, so one request "
+        "never holds every running slot)",
     )
     limits.add_argument(
         "--max-prompts-per-request", type=int, default=defaults.max_prompts_per_request
