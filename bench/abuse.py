@@ -14,6 +14,10 @@ client:
     python bench/abuse.py --base-url http://127.0.0.1:8000 --served-model-name demo \
         --server-pid $! --soak 600
 
+On a machine with few cores, run the server with `ENGINE_CPU_NUM_OF_RESERVED_CPU=1` too and
+compare: with an OpenMP team as large as the machine, every other runnable thread (the event
+loop, the template workers, this script's abusive client) stalls the engine's steps.
+
 The abusive client is a separate process (this script run with `--abuser-child`), which builds
 every abusive body before any timing starts; `--abuser-nice N` lowers its CPU priority (on a
 small machine the abusive client itself competes with the server for the cores, and the summary
