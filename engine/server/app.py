@@ -268,7 +268,7 @@ class OpenAIServer:
         timeout = self.config.request_body_timeout
         try:
             raw = await asyncio.wait_for(request.read(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # TimeoutError from 3.11 on; a different class on 3.10
             raise P.APIError(
                 f"The request body did not arrive within {timeout:g} s", status=408
             ) from None

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -105,7 +105,9 @@ class _GuardedProtocol(asyncio.Protocol):
         self._rejected = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream transport: asyncio's own, or uvloop's (which does not subclass
+        # asyncio.Transport, hence no isinstance check here).
+        transport = cast(asyncio.Transport, transport)
         if not self._guard._admit(transport, self):
             self._rejected = True
             transport.write(_BUSY_RESPONSE)
