@@ -33,9 +33,11 @@ def test_tp_bench_quick_prints_both_configs_with_ratios():
     base_ms, tp_ms = float(rows["TP=1"][3]), float(rows["TP=2"][3])
     assert min(base_tps, tp_tps, base_ms, tp_ms) > 0
     assert rows["TP=1"][2] == rows["TP=1"][4] == "1.00x"
-    # The ratios are the printed figures' (which are rounded to 3 digits).
-    assert abs(float(rows["TP=2"][2].rstrip("x")) / (tp_tps / base_tps) - 1) < 0.02
-    assert abs(float(rows["TP=2"][4].rstrip("x")) / (tp_ms / base_ms) - 1) < 0.02
+    # The ratios are the printed figures' (those are rounded to 3 significant digits, the
+    # ratios to 2 decimals: allow both roundings, e.g. 243 / 1665 = 0.146 printed as 0.15x).
+    checks = ((rows["TP=2"][2], tp_tps / base_tps), (rows["TP=2"][4], tp_ms / base_ms))
+    for printed, ratio in checks:
+        assert abs(float(printed.rstrip("x")) - ratio) <= 0.005 + 0.01 * ratio, (printed, ratio)
     # The TP=2 engine's own all-reduce, timed with its worker, and the step's count of them.
     line = r"all-reduce of one decode row \[1, 64\] float32: (\d+) us; a decode step has 5"
     m = re.search(line, out)
