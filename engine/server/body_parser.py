@@ -43,7 +43,14 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-__all__ = ["BodyError", "BodyParser", "count_values", "json_type", "parse_json_object"]
+__all__ = [
+    "BodyError",
+    "BodyParser",
+    "PipeWorker",
+    "count_values",
+    "json_type",
+    "parse_json_object",
+]
 
 _REQUEST = struct.Struct(">QI")  # max_values, body length
 _LENGTH = struct.Struct(">I")
@@ -192,7 +199,45 @@ def _worker_main(niceness: int) -> int:
 # ---- the server side ----------------------------------------------------------------------
 
 
-class _Worker:
+class PipeWorker:
+    """A worker process spoken to over its stdin / stdout pipes (`proc`), with a deadline on
+    every read. Shared by the body parser's worker and the chat-template workers
+    (engine/server/chat_render.py); it lives here because this module must import only the
+    standard library (it is also the body parser's worker script)."""
+
+    proc: subprocess.Popen[bytes]
+    name = "worker"  # in the EOFError of a worker that exited
+
+    def _read_exact(self, size: int, deadline: float) -> bytes:
+        """`size` bytes from the worker's stdout; TimeoutError past `deadline` (monotonic)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        chunks: list[bytes] = []
+        while size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                raise TimeoutError
+            chunk = os.read(fd, min(size, 1 << 20))
+            if not chunk:
+                raise EOFError(f"the {self.name} exited")
+            chunks.append(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
+
+
+class _Worker(PipeWorker):
+    name = "body parser worker"
+
     def __init__(self, niceness: int) -> None:
         # The script imports only the standard library: it starts in ~50 ms.
         self.proc = subprocess.Popen(
@@ -211,31 +256,6 @@ class _Worker:
         head = self._read_exact(1 + _LENGTH.size, deadline)
         (size,) = _LENGTH.unpack(head[1:])
         return head[:1], self._read_exact(size, deadline)
-
-    def _read_exact(self, size: int, deadline: float) -> bytes:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        chunks: list[bytes] = []
-        while size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError
-            chunk = os.read(fd, min(size, 1 << 20))
-            if not chunk:
-                raise EOFError("the body parser worker exited")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                if pipe is not None:
-                    pipe.close()
 
 
 class BodyParser:

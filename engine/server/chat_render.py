@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import queue
-import select
 import struct
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from typing import Any, Literal
 
 import jinja2
 from jinja2 import nodes
+
+from engine.server.body_parser import PipeWorker
 
 __all__ = [
     "ChatTemplateError",
@@ -124,8 +125,10 @@ def _tool_call_arguments(call: Any) -> Any:
 # ---- worker processes ------------------------------------------------------------------------
 
 
-class _Worker:
+class _Worker(PipeWorker):
     """One worker process and its pipes; used by one thread at a time."""
+
+    name = "chat template worker"
 
     def __init__(self, memory_limit: int, niceness: int) -> None:
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -154,31 +157,6 @@ class _Worker:
     def _read(self, deadline: float) -> Any:
         (size,) = _HEADER.unpack(self._read_exact(_HEADER.size, deadline))
         return json.loads(self._read_exact(size, deadline).decode("utf-8"))
-
-    def _read_exact(self, size: int, deadline: float) -> bytes:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        chunks: list[bytes] = []
-        while size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise TimeoutError
-            chunk = os.read(fd, min(size, 1 << 20))
-            if not chunk:
-                raise EOFError("the chat template worker exited")
-            chunks.append(chunk)
-            size -= len(chunk)
-        return b"".join(chunks)
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                if pipe is not None:
-                    pipe.close()
 
 
 class ChatTemplateRenderer:
