@@ -349,16 +349,11 @@ def test_shutdown_and_garbage_collection_leave_no_process(checkpoints):
     assert not wait_no_new_children(before)
 
 
-def test_server_with_tp2_answers_a_completion(checkpoints):
-    """`python -m engine.server -tp 2`: the greedy completion equals TP=1 offline; after SIGTERM
-    the server and its worker are gone."""
-    path = checkpoints.variant("llama")
+def start_until_serving(cmd: list[str]) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """Runs a server command (one torch thread per process) until its log says "Serving"
+    (asserted within 180 s); returns the process, its stderr lines (kept growing by the
+    returned reader thread) and that thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "engine.server", "--model", str(path), "--port", "0", "-tp", "2",
-        "--dtype", "float64", "--kv-cache-memory-bytes", "4MiB", "--served-model-name", "tiny",
-        "--disable-access-log",
-    ]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     serving = threading.Event()
@@ -371,28 +366,52 @@ def test_server_with_tp2_answers_a_completion(checkpoints):
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
+    if not serving.wait(180):
+        stop_process(proc, reader)
+        raise AssertionError("".join(lines))
+    return proc, lines, reader
+
+
+def stop_process(proc: subprocess.Popen, reader: threading.Thread) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    reader.join(5)
+
+
+def assert_served_answer_equals_tp1(base_url: str, path: Path) -> None:
+    """A greedy completion through the server equals TP=1's offline text."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0)
+    prompt = [5, 6, 7, 8, 9]
+    answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+    llm = LLM(str(path), **COMMON)
+    expected = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))
+    assert answer.choices[0].text == expected[0].outputs[0].text
+
+
+def test_server_with_tp2_answers_a_completion(checkpoints):
+    """`python -m engine.server -tp 2`: the greedy completion equals TP=1 offline; after SIGTERM
+    the server and its worker are gone."""
+    path = checkpoints.variant("llama")
+    cmd = [
+        sys.executable, "-m", "engine.server", "--model", str(path), "--port", "0", "-tp", "2",
+        "--dtype", "float64", "--kv-cache-memory-bytes", "4MiB", "--served-model-name", "tiny",
+        "--disable-access-log",
+    ]  # fmt: skip
+    proc, lines, reader = start_until_serving(cmd)
     try:
-        assert serving.wait(180), "".join(lines)
         url = re.search(r"on (http://127\.0\.0\.1:\d+)", "".join(lines))[1]
         server_children = psutil.Process(proc.pid).children(recursive=True)
         assert len(server_children) >= 1  # the rank-1 worker
-        import openai
-
-        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        prompt = [5, 6, 7, 8, 9]
-        answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
-        llm = LLM(str(path), **COMMON)
-        expected = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))
-        assert answer.choices[0].text == expected[0].outputs[0].text
+        assert_served_answer_equals_tp1(url + "/v1", path)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         _gone, alive = psutil.wait_procs(server_children, timeout=10)
         assert not alive, f"left behind: {alive}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(5)
+        stop_process(proc, reader)
 
 
 def test_torchrun_launch_two_ranks_on_one_machine(checkpoints):
@@ -408,41 +427,16 @@ def test_torchrun_launch_two_ranks_on_one_machine(checkpoints):
         "--model", str(path), "-tp", "2", "--port", str(port), "--dtype", "float64",
         "--kv-cache-memory-bytes", "4MiB", "--served-model-name", "tiny", "--disable-access-log",
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    serving = threading.Event()
-
-    def read_stderr() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if "Serving" in line:
-                serving.set()
-
-    reader = threading.Thread(target=read_stderr, daemon=True)
-    reader.start()
+    proc, _lines, reader = start_until_serving(cmd)
     try:
-        assert serving.wait(180), "".join(lines)
         ranks = psutil.Process(proc.pid).children(recursive=True)
-        import openai
-
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0
-        )
-        prompt = [5, 6, 7, 8, 9]
-        answer = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
-        llm = LLM(str(path), **COMMON)
-        expected = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8))
-        assert answer.choices[0].text == expected[0].outputs[0].text
+        assert_served_answer_equals_tp1(f"http://127.0.0.1:{port}/v1", path)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         _gone, alive = psutil.wait_procs(ranks, timeout=15)
         assert not alive, f"left behind: {alive}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    reader.join(5)
+        stop_process(proc, reader)
 
 
 def test_worker_exits_when_rank0_is_killed(checkpoints, tmp_path):
