@@ -14,9 +14,12 @@ client:
     python bench/abuse.py --base-url http://127.0.0.1:8000 --served-model-name demo \
         --server-pid $! --soak 600
 
-On a machine with few cores, run the server with `ENGINE_CPU_NUM_OF_RESERVED_CPU=1` too and
-compare: with an OpenMP team as large as the machine, every other runnable thread (the event
-loop, the template workers, this script's abusive client) stalls the engine's steps.
+On a machine with few cores, compare `ENGINE_CPU_NUM_OF_RESERVED_CPU=0` (the engine always
+steps with every core), `1` (one core always left to the rest) and the default `auto` (one
+core left while other work competes): with an OpenMP team as large as the machine, every
+other runnable thread (the event loop, the template workers, this script's abusive client)
+stalls the engine's steps. The summary prints the engine's thread count and contention signal
+per kind of phase, sampled from the server's /metrics.
 
 The abusive client is a separate process (this script run with `--abuser-child`), which builds
 every abusive body before any timing starts; `--abuser-nice N` lowers its CPU priority (on a
@@ -83,6 +86,12 @@ class Report:
     abuse_wall_s: float = 0.0
     server_cpu_alone: list[float] = field(default_factory=list)  # server cores used, per phase
     server_cpu_abuse: list[float] = field(default_factory=list)
+    # The engine's CPU threads (`engine:cpu_threads`) and, with the adaptive reservation, its
+    # contention signal (`engine:cpu_contention_cores`), sampled from /metrics every 0.25 s.
+    threads_alone: list[float] = field(default_factory=list)
+    threads_abuse: list[float] = field(default_factory=list)
+    contention_alone: list[float] = field(default_factory=list)
+    contention_abuse: list[float] = field(default_factory=list)
 
 
 def rss_bytes() -> int:
@@ -385,9 +394,30 @@ class Abuser:
 # ---- the timed clients (this process) -------------------------------------------------------
 
 
-async def timed_phase(url: str, seconds: float, with_health: bool) -> tuple[list, list]:
+async def sample_cpu_gauges(
+    session: aiohttp.ClientSession, url: str, threads: list[float], contention: list[float]
+) -> None:
+    """Appends the server's `engine:cpu_threads` and `engine:cpu_contention_cores` (when it
+    exposes them) from one /metrics scrape."""
+    async with session.get(url + "/metrics") as response:
+        text = await response.text()
+    for line in text.splitlines():
+        if line.startswith("engine:cpu_threads{"):
+            threads.append(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("engine:cpu_contention_cores{"):
+            contention.append(float(line.rsplit(" ", 1)[1]))
+
+
+async def timed_phase(
+    url: str,
+    seconds: float,
+    with_health: bool,
+    threads: list[float] | None = None,
+    contention: list[float] | None = None,
+) -> tuple[list, list]:
     """Sequential normal requests (and, with_health, a /health poll every 0.1 s) for `seconds`:
-    (normal latencies in ms, /health latencies in ms)."""
+    (normal latencies in ms, /health latencies in ms). With `threads` / `contention`, the
+    engine's CPU gauges are sampled into them every 0.25 s."""
     until = time.monotonic() + seconds
     latencies: list[float] = []
     health: list[float] = []
@@ -406,7 +436,12 @@ async def timed_phase(url: str, seconds: float, with_health: bool) -> tuple[list
                 health.append((time.monotonic() - start) * 1000)
                 await asyncio.sleep(0.1)
 
-        await asyncio.gather(normal(), poll_health())
+        async def poll_gauges() -> None:
+            while threads is not None and contention is not None and time.monotonic() < until:
+                await sample_cpu_gauges(session, url, threads, contention)
+                await asyncio.sleep(0.25)
+
+        await asyncio.gather(normal(), poll_health(), poll_gauges())
     return latencies, health
 
 
@@ -417,10 +452,14 @@ def run_rounds(url: str, args: argparse.Namespace, report: Report) -> None:
         phase = args.duration / args.rounds
         for _ in range(args.rounds):
             cpu0, t0 = cpu_seconds(_SERVER_PID), time.monotonic()
-            alone, _ = asyncio.run(timed_phase(url, phase, with_health=True))
+            alone, _ = asyncio.run(
+                timed_phase(url, phase, True, report.threads_alone, report.contention_alone)
+            )
             cpu1, t1 = cpu_seconds(_SERVER_PID), time.monotonic()
             abuser.start()
-            during, health = asyncio.run(timed_phase(url, phase, with_health=True))
+            during, health = asyncio.run(
+                timed_phase(url, phase, True, report.threads_abuse, report.contention_abuse)
+            )
             cpu2, t2 = cpu_seconds(_SERVER_PID), time.monotonic()
             abuser.stop()
             report.baseline_ms += alone
@@ -565,6 +604,9 @@ def summarize(args: argparse.Namespace, report: Report, soak: list) -> tuple[dic
         f"abusive client CPU: {abuser_cores:.2f} cores during the abuse phases "
         f"({os.cpu_count()} cores here){server_cpu}"
     )
+    gauges = _gauges_line(report)
+    if gauges:
+        print(gauges)
     result: dict[str, Any] = {
         "checks": checks,
         "unexpected": report.unexpected[:20],
@@ -574,6 +616,8 @@ def summarize(args: argparse.Namespace, report: Report, soak: list) -> tuple[dic
         "health_max_ms": worst_health,
         "abuser_cpu_cores": abuser_cores,
         "rounds": report.rounds,
+        "engine_threads": {"alone": report.threads_alone, "abuse": report.threads_abuse},
+        "contention_cores": {"alone": report.contention_alone, "abuse": report.contention_abuse},
     }
     if soak:
         warm = [v for t, v in soak if t >= 0.2 * args.soak] or [soak[-1][1]]
@@ -596,6 +640,29 @@ def summarize(args: argparse.Namespace, report: Report, soak: list) -> tuple[dic
     )
     print(f"slow connections closed by the server: {report.slow_closed} / {report.slow_opened}")
     return checks, result
+
+
+def _gauges_line(report: Report) -> str:
+    """The engine's CPU threads (mean, and share of samples below the maximum) and contention
+    signal (mean / max) per kind of phase; empty when the server exposes neither."""
+    if not (report.threads_alone or report.threads_abuse):
+        return ""
+    top = max(report.threads_alone + report.threads_abuse)
+
+    def threads(samples: list[float]) -> str:
+        if not samples:
+            return "-"
+        reduced = sum(1 for t in samples if t < top) / len(samples)
+        return f"{statistics.mean(samples):.2f} ({reduced:.0%} of samples reserved)"
+
+    def signal(samples: list[float]) -> str:
+        return f"{statistics.mean(samples):.2f} / {max(samples):.2f}" if samples else "-"
+
+    return (
+        f"engine CPU threads: alone {threads(report.threads_alone)}, under abuse "
+        f"{threads(report.threads_abuse)}; contention signal (cores, mean / max): alone "
+        f"{signal(report.contention_alone)}, under abuse {signal(report.contention_abuse)}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,9 @@ Two threads, one owner each:
   `loop.call_soon_threadsafe` call. While the engine has nothing to do it blocks on the queue.
   It is the only thread with an OpenMP team: `start()` and `add_request` free the loop thread's
   (`engine.openmp.release_openmp_pool`), else the step's workers sleep and wake at every op.
+  Its team's size is `num_threads`: fixed, or with `"auto"` chosen before each step by an
+  `engine.cpu_contention.AdaptiveThreads` (all cores while the machine is otherwise quiet, one
+  fewer while other work competes for them); `torch.set_num_threads` runs only on a change.
 * The **event-loop thread** owns every `RequestStream` and all bookkeeping about them (the
   waiting count, the stream table, metric observations). It never touches the `LLMEngine`.
 
@@ -46,9 +49,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from engine.config import EngineArgs
+from engine.cpu_contention import AUTO, AdaptiveThreads
 from engine.cpu_malloc import HeapTrimmer
 from engine.engine import EngineStats, LLMEngine, PromptType
 from engine.openmp import release_openmp_pool
@@ -230,17 +234,29 @@ class AsyncEngine:
         max_waiting_requests: int | None = None,
         observer: RequestObserver | None = None,
         heap_trimmer: HeapTrimmer | None = None,
-        num_threads: int | None = None,
+        num_threads: int | Literal["auto"] | AdaptiveThreads | None = None,
     ) -> None:
         if max_waiting_requests is not None and max_waiting_requests < 1:
             raise ValueError(f"max_waiting_requests must be >= 1, got {max_waiting_requests}")
-        if num_threads is not None and num_threads < 1:
+        if isinstance(num_threads, str) and num_threads != AUTO:
+            raise ValueError(f"num_threads must be an integer >= 1 or 'auto', got {num_threads!r}")
+        if isinstance(num_threads, int) and num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         # torch intra-op (OpenMP) threads of the steps; None: torch's setting. Fewer threads than
         # cores leave cores to the event loop and the server's workers (see `engine_threads`).
+        # "auto" (or an AdaptiveThreads, e.g. with injected readings): torch's setting while the
+        # machine is otherwise quiet, one fewer while other work competes (engine/cpu_contention).
         self.num_threads = num_threads
+        self.adaptive: AdaptiveThreads | None = (
+            num_threads
+            if isinstance(num_threads, AdaptiveThreads)
+            else AdaptiveThreads()
+            if num_threads == AUTO
+            else None
+        )
+        self._cpu_threads: int | None = None  # the engine thread's current torch threads
         self.observer = observer
         # Called on the engine thread right before each step, inside its error handling: a hook
         # that raises makes that step fail like a real one (fault-injection soaks and tests).
@@ -293,6 +309,11 @@ class AsyncEngine:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    @property
+    def cpu_threads(self) -> int | None:
+        """The torch threads the engine thread steps with now (None before it has started)."""
+        return self._cpu_threads
 
     # ---- event-loop API ------------------------------------------------------------------------
 
@@ -439,13 +460,34 @@ class AsyncEngine:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
             self._loop.call_soon_threadsafe(callback, *args)
 
-    def _run(self) -> None:
-        engine = self.engine
-        if self.num_threads is not None:
+    def _init_threads(self) -> None:
+        """Sets this thread's OpenMP team size (torch's setting is per thread) and starts the
+        adaptive choice, if any."""
+        import torch
+
+        if isinstance(self.num_threads, int):
+            torch.set_num_threads(self.num_threads)
+        if self.adaptive is not None:
+            self.adaptive.start(default_threads=torch.get_num_threads())
+            torch.set_num_threads(self.adaptive.threads)
+        self._cpu_threads = torch.get_num_threads()
+
+    def _adapt_threads(self) -> None:
+        """Before a step: applies the adaptive thread count when it changed (~0.2 us a switch,
+        measured with libgomp; the check itself is a clock comparison between windows)."""
+        if self.adaptive is None:
+            return
+        threads = self.adaptive.next_step_threads()
+        if threads != self._cpu_threads:
             import torch
 
-            torch.set_num_threads(self.num_threads)  # this thread's OpenMP team
+            torch.set_num_threads(threads)
+            self._cpu_threads = threads
+
+    def _run(self) -> None:
+        engine = self.engine
         try:
+            self._init_threads()
             idle_wait: float | None = None
             while True:
                 busy = engine.has_unfinished_requests()
@@ -460,6 +502,7 @@ class AsyncEngine:
                     self._apply(command)
                 idle_wait = None
                 if engine.has_unfinished_requests():
+                    self._adapt_threads()
                     produced = self._step()
                     idle_wait = None if produced else _IDLE_STEP_WAIT_S
                 self._stats = engine.get_stats()

@@ -401,8 +401,9 @@ def test_limit_flags_map_onto_server_config(llama_path):
 
 
 def test_reserved_cpus_leave_cores_to_the_server(llama_path, monkeypatch):
-    """ENGINE_CPU_NUM_OF_RESERVED_CPU (or vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU) gives the engine
-    thread that many fewer torch threads; 0 (the default) leaves torch's setting."""
+    """ENGINE_CPU_NUM_OF_RESERVED_CPU (or vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU) = N gives the engine
+    thread N fewer torch threads always; 0 leaves torch's setting; the default, "auto", reserves
+    one while other work competes (tests/test_cpu_contention.py)."""
     import torch
 
     from engine.server import __main__ as cli
@@ -414,6 +415,10 @@ def test_reserved_cpus_leave_cores_to_the_server(llama_path, monkeypatch):
     assert cli.server_config_from(cli.build_parser().parse_args(argv)).reserved_cpus == 1
     monkeypatch.setenv("ENGINE_CPU_NUM_OF_RESERVED_CPU", "2")
     assert cli.server_config_from(cli.build_parser().parse_args(argv)).reserved_cpus == 2
+    monkeypatch.delenv("ENGINE_CPU_NUM_OF_RESERVED_CPU")
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU")
+    assert cli.server_config_from(cli.build_parser().parse_args(argv)).reserved_cpus == "auto"
+    assert ServerConfig().reserved_cpus == "auto"
     assert engine_threads(0) is None
     assert engine_threads(1) == max(1, torch.get_num_threads() - 1)
     assert engine_threads(10**6) == 1

@@ -17,9 +17,10 @@ import logging
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from engine.config import EngineArgs
+from engine.cpu_contention import AUTO, parse_reserved_cpus
 from engine.server.app import OpenAIServer, ServerConfig, bind_socket
 from engine.tool_parsers import TOOL_PARSERS
 
@@ -287,16 +288,23 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(**kwargs)
 
 
+def reserved_cpus_from_env() -> int | Literal["auto"]:
+    """ENGINE_CPU_NUM_OF_RESERVED_CPU, else vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU, else "auto":
+    an integer >= 0 reserves that many cores always (0: never), "auto" while other work competes
+    for the cores. Anything else: ValueError naming the variable."""
+    for name in RESERVED_CPU_ENV:
+        value = os.environ.get(name)
+        if value:
+            return parse_reserved_cpus(value, name)
+    return AUTO
+
+
 def server_config_from(ns: argparse.Namespace) -> ServerConfig:
     names = tuple(ns.served_model_name or (ns.model or default_model()[1],))
     api_key = ns.api_key
     if api_key is None:
         api_key = next((os.environ[k] for k in API_KEY_ENV if os.environ.get(k)), None)
-    reserved = next((os.environ[k] for k in RESERVED_CPU_ENV if os.environ.get(k)), "0")
-    try:
-        reserved_cpus = int(reserved)
-    except ValueError:
-        raise ValueError(f"{RESERVED_CPU_ENV[0]} must be an integer, got {reserved!r}") from None
+    reserved_cpus = reserved_cpus_from_env()
     chat_template = ns.chat_template
     if chat_template is not None and os.path.isfile(chat_template):
         with open(chat_template, encoding="utf-8") as f:

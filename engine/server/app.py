@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
@@ -43,6 +43,7 @@ from engine.async_engine import (
     QueueFullError,
     RequestStream,
 )
+from engine.cpu_contention import AUTO, ThreadsSummary, parse_reserved_cpus
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.server import protocol as P
@@ -97,10 +98,12 @@ class ServerConfig:
     request_header_timeout: float | None = 10.0
     request_body_timeout: float | None = 60.0
     timeout_keep_alive: float = 5.0  # uvicorn's name and default
-    # CPU cores left to the event loop and the server's workers: the engine steps with that many
-    # fewer torch threads than torch's default (vLLM's VLLM_CPU_NUM_OF_RESERVED_CPU; the CLI reads
-    # ENGINE_CPU_NUM_OF_RESERVED_CPU or that). 0: the engine uses every core.
-    reserved_cpus: int = 0
+    # CPU cores left to the event loop and the server's workers (vLLM's
+    # VLLM_CPU_NUM_OF_RESERVED_CPU; the CLI reads ENGINE_CPU_NUM_OF_RESERVED_CPU or that). An
+    # integer: the engine always steps with that many fewer torch threads than torch's default
+    # (0: every core). "auto": every core while the machine is otherwise quiet, one fewer while
+    # other work competes for the cores (engine/cpu_contention.py).
+    reserved_cpus: int | Literal["auto"] = "auto"
     # Tool calling (vLLM's flags): tool_choice "auto" (the default when a request has tools)
     # needs both; the parser reads tool calls out of the model's text.
     enable_auto_tool_choice: bool = False
@@ -110,8 +113,10 @@ class ServerConfig:
     warm_structured_outputs: bool = False
 
     def __post_init__(self) -> None:
-        if self.reserved_cpus < 0:
-            raise ValueError(f"reserved_cpus must be >= 0, got {self.reserved_cpus}")
+        # ValueError naming the field; "AUTO" or "1" (a string) become "auto" or 1.
+        object.__setattr__(
+            self, "reserved_cpus", parse_reserved_cpus(self.reserved_cpus, "reserved_cpus")
+        )
         if self.tool_call_parser is not None:
             get_tool_parser(self.tool_call_parser)  # ValueError listing the known names
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
@@ -173,7 +178,12 @@ class OpenAIServer:
         if self.config.enable_auto_tool_choice and self.config.tool_call_parser is not None:
             self.auto_tool_parser = get_tool_parser(self.config.tool_call_parser)
         self._engine = engine
-        self.metrics = ServerMetrics(self.model_names[0], lambda: self.async_engine.stats)
+        self.metrics = ServerMetrics(
+            self.model_names[0],
+            lambda: self.async_engine.stats,
+            cpu_threads=lambda: self.async_engine.cpu_threads,
+            cpu_contention=self._cpu_contention,
+        )
         self.async_engine = AsyncEngine(
             engine,
             max_waiting_requests=self.config.max_waiting_requests,
@@ -596,8 +606,16 @@ class OpenAIServer:
                     loop.remove_signal_handler(signum)
         logger.info("server stopped")
 
+    def _cpu_contention(self) -> float | None:
+        adaptive = self.async_engine.adaptive
+        return adaptive.others_cores if adaptive is not None and adaptive.enabled else None
+
+    def _cpu_summary(self) -> ThreadsSummary | None:
+        adaptive = self.async_engine.adaptive
+        return adaptive.summary(reset_max=True) if adaptive is not None else None
+
     async def _log_stats(self, interval: float) -> None:
-        stats_logger = StatsLogger(lambda: self.async_engine.stats)
+        stats_logger = StatsLogger(lambda: self.async_engine.stats, cpu=self._cpu_summary)
         while True:
             await asyncio.sleep(interval)
             line = stats_logger.line()
@@ -605,13 +623,16 @@ class OpenAIServer:
                 logger.info(line)
 
 
-def engine_threads(reserved_cpus: int) -> int | None:
+def engine_threads(reserved_cpus: int | Literal["auto"]) -> int | Literal["auto"] | None:
     """The engine thread's torch threads when `reserved_cpus` cores are left to the rest of the
-    server (None: torch's default, all cores). Why reserve: an OpenMP team as large as the
-    machine waits at every op for any member the kernel has preempted, so each thread the
-    server (or anything else) runs on those cores stalls every step, not just its own share:
-    measured on 2 shared cores, one engine thread took 6-9 ms per decode step of the demo model
-    where two took 54-327 ms."""
+    server (None: torch's default, all cores; "auto": chosen before each step, see
+    engine/cpu_contention.py). Why reserve: an OpenMP team as large as the machine waits at
+    every op for any member the kernel has preempted, so each thread the server (or anything
+    else) runs on those cores stalls every step, not just its own share: measured on 2 shared
+    cores, one engine thread took 6-9 ms per decode step of the demo model where two took
+    54-327 ms."""
+    if reserved_cpus == AUTO:
+        return AUTO
     if reserved_cpus <= 0:
         return None
     import torch

@@ -13,7 +13,11 @@ run in one process (tests). Two kinds of series:
   (label finished_reason), and the histograms `vllm:time_to_first_token_seconds`,
   `vllm:inter_token_latency_seconds`, `vllm:e2e_request_latency_seconds`.
 
-Every series carries the `model_name` label.
+Every series carries the `model_name` label. Two more gauges, not vLLM's (hence the `engine:`
+prefix), read at scrape time from the AsyncEngine: `engine:cpu_threads` (the torch threads the
+engine thread steps with now) and, with the adaptive reservation (`reserved_cpus="auto"`),
+`engine:cpu_contention_cores` (cores used by work other than the engine's steps in the latest
+window, the signal that decides; engine/cpu_contention.py).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
+from engine.cpu_contention import ThreadsSummary
 from engine.engine import EngineStats
 
 logger = logging.getLogger(__name__)
@@ -124,10 +129,54 @@ class _EngineStatsCollector(Collector):
             yield per_position
 
 
-class ServerMetrics:
-    """The server's registry; implements `engine.async_engine.RequestObserver`."""
+class _CpuCollector(Collector):
+    """The engine thread's CPU threads and, when adaptive, the contention signal."""
 
-    def __init__(self, model_name: str, stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        threads: Callable[[], int | None],
+        contention: Callable[[], float | None] | None,
+    ) -> None:
+        self._model_name = model_name
+        self._threads = threads
+        self._contention = contention
+
+    def collect(self) -> Iterator[Metric]:
+        threads = self._threads()
+        if threads is not None:
+            family = GaugeMetricFamily(
+                "engine:cpu_threads",
+                "Torch (OpenMP) threads the engine thread steps with now.",
+                labels=["model_name"],
+            )
+            family.add_metric([self._model_name], threads)
+            yield family
+        contention = self._contention() if self._contention is not None else None
+        if contention is not None:
+            family = GaugeMetricFamily(
+                "engine:cpu_contention_cores",
+                "CPU cores used by work other than the engine's steps in the latest window "
+                "(what the adaptive CPU reservation decides on).",
+                labels=["model_name"],
+            )
+            family.add_metric([self._model_name], contention)
+            yield family
+
+
+class ServerMetrics:
+    """The server's registry; implements `engine.async_engine.RequestObserver`.
+
+    `cpu_threads` / `cpu_contention` (optional) return the engine thread's current thread count
+    and the adaptive reservation's latest signal (None: not known, no series)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        stats: Callable[[], EngineStats],
+        cpu_threads: Callable[[], int | None] | None = None,
+        cpu_contention: Callable[[], float | None] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -159,6 +208,8 @@ class ServerMetrics:
             registry=self.registry,
         ).labels(model_name)
         self.registry.register(_EngineStatsCollector(model_name, stats))
+        if cpu_threads is not None:
+            self.registry.register(_CpuCollector(model_name, cpu_threads, cpu_contention))
 
     # RequestObserver
     def on_first_token(self, ttft_s: float) -> None:
@@ -180,10 +231,17 @@ class ServerMetrics:
 class StatsLogger:
     """Builds the periodic log line from successive stats snapshots (vLLM's format)."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        cpu: Callable[[], ThreadsSummary | None] | None = None,
+    ) -> None:
         self._stats = stats
         self._last = stats()
         self._last_time = time.monotonic()
+        # The adaptive CPU reservation's counters (None: static thread count, no summary).
+        self._cpu = cpu
+        self._last_cpu = cpu() if cpu is not None else None
 
     def line(self) -> str | None:
         """The line for the interval since the previous call; None when the engine was idle."""
@@ -204,7 +262,28 @@ class StatsLogger:
             f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
             f"Running: {sched.num_running} reqs, Waiting: {sched.num_waiting} reqs, "
             f"KV cache usage: {100.0 * sched.kv_cache_usage:.1f}%, "
-            f"Prefix cache hit rate: {hit_rate:.1f}%" + _spec_decode_part(current, prev)
+            f"Prefix cache hit rate: {hit_rate:.1f}%"
+            + _spec_decode_part(current, prev)
+            + self._cpu_part(elapsed)
+        )
+
+    def _cpu_part(self, elapsed: float) -> str:
+        """ ", Engine threads: 2 (1 for 30% of the time), Other CPU use: avg 0.21, max 0.90
+        cores" for the interval, with the adaptive reservation."""
+        if self._cpu is None:
+            return ""
+        current, prev = self._cpu(), self._last_cpu
+        self._last_cpu = current
+        if current is None or prev is None:
+            return ""
+        windows = current.windows - prev.windows
+        if not windows:
+            return f", Engine threads: {current.threads}"
+        reduced = 100.0 * min(1.0, (current.reduced_s - prev.reduced_s) / elapsed)
+        avg = (current.others_sum - prev.others_sum) / windows
+        return (
+            f", Engine threads: {current.threads} ({reduced:.0f}% of the time reserved), "
+            f"Other CPU use: avg {avg:.2f}, max {current.others_max:.2f} cores"
         )
 
 
