@@ -10,8 +10,9 @@ memory bandwidth. The table gives decode tokens/s, the weight bytes read per sec
 copy bandwidth measured in the same run (bytes read + written per second: what the memory system
 delivers). The bounds are measured before and after the systems run, and the higher figure of each
 counts. The "weight GEMMs alone" row times just the model's linear layers and LM head at one row,
-back to back with nothing in between, stored and called as the engine does (oneDNN-packed on CPU in
-float32): what the BLAS itself reaches here, the ceiling for any system that uses it.
+back to back with nothing in between, stored and called as the engine does (on CPU in float32:
+the split GEMV of engine/models/cpu_gemm.py): what the BLAS itself reaches here, the ceiling
+for any system that uses it.
 
 Engine: the time of each decode step (`LLMEngine.step()` after the prefill step), median over the
 run. HF: (time of generate(N tokens) - time of generate(1 token)) / (N - 1), best of 3.
@@ -89,8 +90,9 @@ def hf_decode_seconds(path: Path, prompt: list[int], args: argparse.Namespace) -
 
 def gemv_only_seconds(hf_config, dtype: torch.dtype) -> float:
     """Best time of the model's weight GEMMs alone at one row: every linear layer and the LM head,
-    stored as the engine stores them on CPU (column-major), fed a random row, nothing else in
-    between. This is what the BLAS delivers for batch-1 decode here: the engine's ceiling."""
+    stored and called as the engine's linear layers (`default_linear_method`), fed a random
+    row, nothing else in between. This is what the BLAS delivers for batch-1 decode here: the
+    engine's ceiling."""
     hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
@@ -101,22 +103,22 @@ def gemv_only_seconds(hf_config, dtype: torch.dtype) -> float:
         (2 * inter, hidden),  # fused gate/up
         (hidden, inter),  # down
     ]
-    from engine.models.llama import can_pack_for_cpu, onednn_linear, pack_weight
+    from engine.models.layers import Linear, default_linear_method
 
     shapes = layer * hf_config.num_hidden_layers + [(hf_config.vocab_size, hidden)]
     inputs = {i: torch.randn(1, i, dtype=dtype) for _, i in shapes}
-    if can_pack_for_cpu(dtype, torch.device("cpu")):  # as the engine's loader packs them
-        packed = [(i, pack_weight(torch.randn(o, i, dtype=dtype))) for o, i in shapes]
+    cpu = torch.device("cpu")
+    method = default_linear_method(dtype, cpu)
+    linears = []
+    for out_features, in_features in shapes:  # stored and called as the engine's loader does
+        linear = Linear(in_features, out_features, False, dtype, cpu)
+        linear.weight.data = torch.randn(out_features, in_features, dtype=dtype)
+        linear.process_weights_after_loading(method)
+        linears.append(linear)
 
-        def chain() -> None:
-            for i, w in packed:
-                onednn_linear(inputs[i], w, None)
-    else:
-        weights = [torch.randn(i, o, dtype=dtype).t() for o, i in shapes]  # [out, in], col-major
-
-        def chain() -> None:
-            for w in weights:
-                torch.nn.functional.linear(inputs[w.shape[1]], w)
+    def chain() -> None:
+        for linear in linears:
+            linear(inputs[linear.in_features])
 
     return best_time(chain, 5)
 

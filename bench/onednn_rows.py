@@ -36,7 +36,7 @@ def _rss_mb() -> float:
 
 
 def memory_child(mode: str, max_rows: int, size: int) -> dict[str, float]:
-    from engine.models.layers import (
+    from engine.models.cpu_gemm import (
         _onednn_linear_exact,
         onednn_linear,
         onednn_row_buckets,
@@ -76,7 +76,7 @@ def measure_memory(mode: str, max_rows: int, size: int, model: str | None = None
 
 
 def engine_child(mode: str, max_rows: int, model: str) -> dict[str, float]:
-    import engine.models.layers as layers
+    import engine.models.cpu_gemm as layers
 
     if mode == "exact":
         layers.onednn_row_bucket = lambda rows: rows  # the old behaviour
@@ -101,7 +101,7 @@ def engine_child(mode: str, max_rows: int, model: str) -> dict[str, float]:
 
 
 def measure_time(rows_list: list[int], repeats: int) -> list[tuple[int, float, float]]:
-    from engine.models.layers import _onednn_linear_exact, onednn_linear, pack_weight
+    from engine.models.cpu_gemm import _onednn_linear_exact, onednn_linear, pack_weight
 
     weights = [(i, pack_weight(torch.randn(o, i))) for o, i in LAYER_SHAPES]
 
@@ -161,7 +161,7 @@ def main() -> None:
     )
     print("one SmolLM-135M layer's weight GEMMs (1 thread, best of runs): ms exact / bucketed")
     print(f"{'rows':>6} {'bucket':>6} {'exact':>8} {'bucketed':>9} {'ratio':>6}")
-    from engine.models.layers import onednn_row_bucket
+    from engine.models.cpu_gemm import onednn_row_bucket
 
     for rows, exact, bucketed in measure_time(rows_list, 3 if args.quick else 15):
         bucket = onednn_row_bucket(min(rows, 512))

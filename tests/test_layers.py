@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from engine.models.layers import (
+    SPLIT_GEMV_MAX_ROWS,
     GatedMLP,
     Linear,
     OffsetRMSNorm,
@@ -15,6 +18,8 @@ from engine.models.layers import (
     UnquantizedLinearMethod,
     activation,
     can_pack_for_cpu,
+    split_gemv,
+    split_gemv_parts,
 )
 from engine.models.rotary import RotaryEmbedding, apply_rope
 from engine.models.weight_mapper import WeightMapper
@@ -34,17 +39,23 @@ def _filled_linear(out: int, inp: int, bias: bool = True, **kw) -> Linear:
     [
         UnquantizedLinearMethod(),
         UnquantizedLinearMethod(cpu_gemm_layout=True),
-        pytest.param(
-            OneDNNLinearMethod(),
-            marks=pytest.mark.skipif(
-                not can_pack_for_cpu(torch.float32, torch.device("cpu")), reason="no oneDNN"
-            ),
+        *(
+            pytest.param(
+                OneDNNLinearMethod(pack=pack),
+                marks=pytest.mark.skipif(
+                    not can_pack_for_cpu(torch.float32, torch.device("cpu")), reason="no oneDNN"
+                ),
+            )
+            for pack in (False, True)
         ),
     ],
-    ids=lambda m: f"{m.name}",
+    ids=lambda m: f"{m.name}-pack{m.pack}" if isinstance(m, OneDNNLinearMethod) else m.name,
 )
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_linear_methods_match_their_reference(method, dtype):
+def test_linear_methods_match_their_reference(method, dtype, threads):
+    """Every row count on both sides of the split GEMV's limit, with 1 thread (no split) and
+    2 (40 output rows in 2 slices)."""
     if isinstance(method, OneDNNLinearMethod) and not can_pack_for_cpu(dtype, torch.device("cpu")):
         pytest.skip(f"no oneDNN {dtype} kernels")
     layer = _filled_linear(40, 24)
@@ -53,10 +64,15 @@ def test_linear_methods_match_their_reference(method, dtype):
     layer.process_weights_after_loading(method)
     torch.testing.assert_close(layer.dequantized_weight(), plain)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16: 8 bits of mantissa
-    for rows in (1, 3, 17):
-        x = torch.randn(rows, 24).to(dtype)
-        ref = (x.float() @ plain.float().T + layer.bias.float()).to(dtype)
-        torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for rows in (1, 2, 3, 4, 5, 17):
+            x = torch.randn(rows, 24).to(dtype)
+            ref = (x.float() @ plain.float().T + layer.bias.float()).to(dtype)
+            torch.testing.assert_close(layer(x), ref, rtol=tol, atol=tol)
+    finally:
+        torch.set_num_threads(saved)
 
 
 class _Block(nn.Module):
@@ -110,3 +126,31 @@ def test_partial_rotary_passes_the_tail_through():
 def test_unknown_activation_lists_the_supported_ones():
     with pytest.raises(ValueError, match=r"hidden_act 'relu2'.*silu"):
         activation("relu2")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, SPLIT_GEMV_MAX_ROWS),
+    parts=st.sampled_from([1, 2, 3, 4, 6]),
+    slice_rows=st.integers(1, 9),
+    in_features=st.integers(1, 33),
+    bias=st.booleans(),
+)
+def test_split_gemv_equals_the_plain_product(rows, parts, slice_rows, in_features, bias):
+    """The weight's row slices in one batched GEMM give x @ W.T (+ b), at every row count the
+    split runs at, and never copy the weight."""
+    torch.manual_seed(rows * 1000 + parts * 100 + slice_rows)
+    out_features = parts * slice_rows
+    w = torch.randn(out_features, in_features)
+    b = torch.randn(out_features) if bias else None
+    x = torch.randn(rows, in_features)
+    out = split_gemv(x, w, b, parts)
+    assert out.shape == (rows, out_features) and out.is_contiguous()
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_split_gemv_parts_divide_the_rows():
+    assert split_gemv_parts(576, 2) == 2 and split_gemv_parts(576, 16) == 16
+    assert split_gemv_parts(49152, 1) == 1
+    assert split_gemv_parts(7, 4) == 1  # a prime row count: no split (oneDNN instead)
+    assert split_gemv_parts(30, 4) == 3  # the largest divisor within the threads

@@ -63,24 +63,38 @@ def test_block_count_from_memory_budget(llama_path):
     assert llm.llm_engine.cache_config.num_blocks == 2**20 // per_block
 
 
-def test_onednn_packed_linears_match_plain_ones(llama_path, monkeypatch):
-    """float32 on CPU: the loader packs every linear layer (and the tied head) for oneDNN and
-    frees the plain weights; outputs equal the plain-GEMM model's up to float32 rounding."""
+def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
+    """float32 on CPU: every linear layer runs oneDNN (or the split GEMV at a few rows) on its
+    plain weight, with no second copy (the tied head shares the embedding's storage);
+    bfloat16 packs them. Outputs equal the plain-GEMM model's up to float32 rounding."""
+    from engine.models.layers import OneDNNLinearMethod, can_pack_for_cpu
     from engine.models.llama import Linear
 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
     prompts = [[5, 6, 7, 8], [9] * 20, list(range(3, 40))]
-    packed_llm = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
-    model = packed_llm.llm_engine.model
+    onednn_llm = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
+    model = onednn_llm.llm_engine.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert linears and all(m.packed is not None and m.weight.shape[0] == 0 for m in linears)
-    assert model.lm_head is not None or model.packed_tied_head is not None
-    packed = packed_llm.generate(prompts, params, use_tqdm=False)
+    assert linears and all(
+        isinstance(m.method, OneDNNLinearMethod) and m.packed is None and m.weight.is_contiguous()
+        for m in linears
+    )
+    if model.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
+    packed = onednn_llm.generate(prompts, params, use_tqdm=False)
+
+    bf16 = LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20).llm_engine.model
+    if can_pack_for_cpu(torch.bfloat16, torch.device("cpu")):
+        assert all(
+            m.packed is not None and m.weight.shape[0] == 0
+            for m in bf16.modules()
+            if isinstance(m, Linear)
+        )
 
     monkeypatch.setenv("ENGINE_ONEDNN_LINEAR", "0")
     plain_llm = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
     assert all(
-        m.packed is None and m.weight.shape[0] > 0
+        not isinstance(m.method, OneDNNLinearMethod) and m.weight.shape[0] > 0
         for m in plain_llm.llm_engine.model.modules()
         if isinstance(m, Linear)
     )

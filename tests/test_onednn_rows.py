@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.models.layers import (
+from engine.models.cpu_gemm import (
     _MAX_BUCKET,
     can_pack_for_cpu,
     onednn_linear,

@@ -35,7 +35,6 @@ ranks, gives each rank the one KV head its query heads use (replicated, as vLLM 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +47,17 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.distributed.communication import all_reduce
 from engine.distributed.parallel_state import TPGroup, current_tp
 from engine.kv_cache import LayerKVCache
+from engine.models.cpu_gemm import (  # noqa: F401 - re-exported (int8 methods, tests, benches)
+    SPLIT_GEMV_MAX_ROWS,
+    can_pack_for_cpu,
+    in_row_buckets,
+    onednn_linear,
+    onednn_row_bucket,
+    onednn_row_buckets,
+    pack_weight,
+    split_gemv,
+    split_gemv_parts,
+)
 from engine.models.rotary import apply_rope
 
 
@@ -159,122 +169,54 @@ class UnquantizedLinearMethod(LinearMethod):
         return layer.weight.data
 
 
-# oneDNN's packed linear on CPU: its blocked weight layout suits every row count, where MKL's
-# GEMM on a plain weight is slow at a few to a few dozen rows. Measured on the 2-core machines
-# here, all SmolLM-135M weight GEMMs of one step (2-thread, float32): 8 rows 48 ms instead of 97,
-# 16 rows 56 instead of 99, 128 rows 243-278 instead of 303-325, 1 and 2048 rows about equal.
-_PACK_BATCH_HINT = 128  # the row count oneDNN picks its blocking for; any row count works
-
-
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:  # [out, in] -> oneDNN-blocked
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
-
-
-def onednn_linear(
-    x: torch.Tensor,  # [T, in]
-    packed: torch.Tensor,  # from pack_weight
-    bias: torch.Tensor | None,
-) -> torch.Tensor:  # [T, out]
-    """oneDNN's linear, run only at the row counts of `onednn_row_bucket` (see there)."""
-    return in_row_buckets(lambda rows: _onednn_linear_exact(rows, packed, bias), x)
-
-
-def in_row_buckets(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,  # [T, in]
-) -> torch.Tensor:  # fn(x) [T, out], with fn only ever called at a bucket's row count
-    """Runs a row-wise op at bucketed row counts: zero-padded up to the bucket, in chunks of
-    the largest bucket above it. Valid for ops whose output row i depends on input row i only."""
-    rows = x.shape[0]
-    if rows > _MAX_BUCKET:  # in chunks of _MAX_BUCKET rows; the last one padded
-        return torch.cat(
-            [in_row_buckets(fn, x[i : i + _MAX_BUCKET]) for i in range(0, rows, _MAX_BUCKET)]
-        )
-    bucket = onednn_row_bucket(rows)
-    if bucket != rows:
-        padded = x.new_zeros(bucket, x.shape[1])
-        padded[:rows] = x
-        return fn(padded)[:rows]
-    return fn(x)
-
-
-def _onednn_linear_exact(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-
-
-# oneDNN keeps state (primitives, JIT code) for every distinct row count it has run a packed
-# weight at and never frees it: measured here, 0.6 MB per row count for one 64 x 64 weight and
-# about 2.7 MB for the four weight shapes of a SmolLM-135M layer, so a server seeing every batch
-# size from 1 to 690 grew by gigabytes. Rows are therefore padded up to a fixed set of buckets
-# (38 row counts, larger inputs run in chunks of the largest): 1-8 exact (decode at small
-# batches), multiples of 4 to 32, of 8 to 64, of 16 to 256 and of 32 to 512. A padded row costs
-# its share of the GEMM's FLOPs: at most 3/9 more rows (at 9 rows), 23% at 65 rows, 12% above
-# 256; bench/onednn_rows.py measures the cost (about 1.0-1.3x of the exact call at the worst
-# row counts, 1.0x at the buckets themselves) and the memory (flat instead of +0.5 MB per row
-# count).
-_MAX_BUCKET = 512
-
-
-def onednn_row_bucket(rows: int) -> int:
-    """The row count a packed linear runs at for `rows` (1 <= rows <= 512) rows."""
-    if rows <= 8:
-        return rows
-    step = 4 if rows <= 32 else 8 if rows <= 64 else 16 if rows <= 256 else 32
-    return -(-rows // step) * step
-
-
-def onednn_row_buckets() -> list[int]:
-    """Every row count `onednn_linear` runs oneDNN at."""
-    return sorted({onednn_row_bucket(r) for r in range(1, _MAX_BUCKET + 1)})
-
-
-def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
-    """float32 (or bfloat16 where oneDNN has bf16 kernels) on a CPU with oneDNN;
-    ENGINE_ONEDNN_LINEAR=0 keeps plain torch GEMMs.
-
-    bfloat16, measured as above (one SmolLM-135M layer's four GEMMs, 1 thread): 0.19 ms packed
-    vs 0.39 column-major at 1 row, 0.59 vs 0.86 at 16, 2.2 vs 2.7 at 64.
-    """
-    if device.type != "cpu" or os.environ.get("ENGINE_ONEDNN_LINEAR", "1") == "0":
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
-
-
 class OneDNNLinearMethod(LinearMethod):
-    """The weight in oneDNN's blocked layout (`layer.packed`); `layer.weight` keeps only its
-    shape (0 rows, no storage). Same values as the plain weight; rounding of the sums differs."""
+    """oneDNN's linear on CPU (engine/models/cpu_gemm.py has the measurements).
+
+    float32 (`pack=False`): the plain weight stays (`layer.weight`, contiguous [out, in]);
+    up to `SPLIT_GEMV_MAX_ROWS` rows with >= 2 torch threads run the split GEMV (the weight's
+    row slices in one batched GEMM, one slice per thread), more rows oneDNN on the plain weight.
+    bfloat16 (`pack=True`): the weight in oneDNN's blocked layout (`layer.packed`), and
+    `layer.weight` keeps only its shape (0 rows, no storage). Same values as the plain weight;
+    the rounding of the sums differs between the kernels (and so between row counts).
+    """
 
     name = "onednn"
 
+    def __init__(self, pack: bool = True) -> None:
+        self.pack = pack
+
     def process_weights_after_loading(self, layer: Linear) -> None:
-        layer.packed = pack_weight(layer.weight.data)
-        layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
+        if self.pack:
+            layer.packed = pack_weight(layer.weight.data)
+            layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
+        elif not layer.weight.data.is_contiguous():
+            layer.weight.data = layer.weight.data.contiguous()
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        assert layer.packed is not None
-        return onednn_linear(x, layer.packed, layer.bias)
+        if layer.packed is not None:
+            return onednn_linear(x, layer.packed, layer.bias)
+        weight = layer.weight
+        if x.shape[0] <= SPLIT_GEMV_MAX_ROWS:
+            parts = split_gemv_parts(weight.shape[0], torch.get_num_threads())
+            if parts > 1:
+                return split_gemv(x, weight, layer.bias, parts)
+        return onednn_linear(x, weight, layer.bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
-        assert layer.packed is not None
+        if layer.packed is None:
+            return layer.weight.data
         eye = torch.eye(layer.in_features, dtype=layer.packed.dtype)
         return onednn_linear(eye, layer.packed, None).t().contiguous()  # exact: x = I
 
     def weight_tensors(self, layer: Linear) -> list[torch.Tensor]:
-        assert layer.packed is not None
-        return [layer.packed]
+        return [layer.packed if layer.packed is not None else layer.weight.data]
 
 
 def default_linear_method(dtype: torch.dtype, device: torch.device) -> LinearMethod:
-    """Unquantized weights: oneDNN-packed on CPU float32/bfloat16, column-major on other CPU
-    dtypes (float64, float16), plain elsewhere."""
+    """Unquantized weights: oneDNN on CPU float32 (plain weight) and bfloat16 (packed),
+    column-major on other CPU dtypes (float64, float16), plain elsewhere."""
     if can_pack_for_cpu(dtype, device):
-        return OneDNNLinearMethod()
+        return OneDNNLinearMethod(pack=dtype != torch.float32)
     return UnquantizedLinearMethod(cpu_gemm_layout=device.type == "cpu")
 
 

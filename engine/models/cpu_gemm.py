@@ -1,0 +1,158 @@
+"""CPU GEMM kernels for the linear layers (float32 and bfloat16 weights, stock torch).
+
+Two kernels, picked per call by the number of rows T of the input:
+
+- **oneDNN's linear** (`onednn_linear`), at any T: `torch.ops.mkldnn._linear_pointwise`, on a
+  bfloat16 weight packed into oneDNN's blocked layout (`pack_weight`) or on the plain float32
+  weight, which oneDNN reads as fast as its packed copy (measured on SmolLM-135M's weights, all
+  30 layers and the LM head, 2 threads: 27.8 vs 28.7 ms at 1 row, 48 vs 51 at 16, 112 vs 111
+  at 64, 3-8% slower from 128 rows on) while bfloat16 needs the packing (25.4 vs 15.8 ms at 1
+  row). oneDNN keeps state for every row count it runs at and never frees it, so it runs only
+  at bucketed row counts (`onednn_row_bucket`).
+- **The split GEMV** (`split_gemv`), for float32 at T <= `SPLIT_GEMV_MAX_ROWS` with >= 2 torch
+  threads: the plain weight [out, in] viewed as P = threads slices of out / P rows
+  ([P, out / P, in], no copy) and multiplied by one batched GEMM, so each thread streams its
+  own slice of the weight. At one row a linear is a matrix-vector product bound by how fast
+  the weight is read; oneDNN's and MKL's single GEMV kernels leave half the bandwidth unused on
+  the 2-core machines here, the batched one does not. Measured (same weights, 2 threads, AMD
+  EPYC): 18.4 ms vs oneDNN's 29.8 at 1 row (27.8 GB/s, the machine's read bandwidth: a plain
+  `sum` over the same bytes reads 28.6 GB/s), 18.3 vs 34.6 at 2 rows, 27.2 vs 34.5 at 4,
+  43.4 vs 40.0 at 8 (oneDNN wins from there). With one thread oneDNN is faster (43 vs 50 ms).
+  bfloat16 keeps oneDNN at every T: torch's bfloat16 batched GEMM is slower (35 vs 15.8 ms).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "SPLIT_GEMV_MAX_ROWS",
+    "can_pack_for_cpu",
+    "in_row_buckets",
+    "onednn_linear",
+    "onednn_row_bucket",
+    "onednn_row_buckets",
+    "pack_weight",
+    "split_gemv",
+    "split_gemv_parts",
+]
+
+_PACK_BATCH_HINT = 128  # the row count oneDNN picks its blocking for; any row count works
+
+# The split GEMV beats oneDNN up to this many rows (see the module docstring).
+SPLIT_GEMV_MAX_ROWS = 4
+
+
+def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    """float32 (or bfloat16 where oneDNN has bf16 kernels) on a CPU with oneDNN;
+    ENGINE_ONEDNN_LINEAR=0 keeps plain torch GEMMs.
+
+    bfloat16, measured (one SmolLM-135M layer's four GEMMs, 1 thread): 0.19 ms packed vs 0.39
+    column-major at 1 row, 0.59 vs 0.86 at 16, 2.2 vs 2.7 at 64.
+    """
+    if device.type != "cpu" or os.environ.get("ENGINE_ONEDNN_LINEAR", "1") == "0":
+        return False
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:  # [out, in] -> oneDNN-blocked
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+
+
+def onednn_linear(
+    x: torch.Tensor,  # [T, in]
+    weight: torch.Tensor,  # from pack_weight, or a plain contiguous float32 [out, in]
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [T, out]
+    """oneDNN's linear, run only at the row counts of `onednn_row_bucket` (see there)."""
+    return in_row_buckets(lambda rows: _onednn_linear_exact(rows, weight, bias), x)
+
+
+def _onednn_linear_exact(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+@functools.lru_cache(maxsize=256)
+def split_gemv_parts(out_features: int, threads: int) -> int:
+    """The number of weight slices for `threads` threads: the largest divisor of out_features
+    that is <= threads (1: no split)."""
+    return max(p for p in range(1, max(threads, 1) + 1) if out_features % p == 0)
+
+
+def split_gemv(
+    x: torch.Tensor,  # [T, in], T small
+    weight: torch.Tensor,  # [out, in], contiguous
+    bias: torch.Tensor | None,
+    parts: int,  # from split_gemv_parts; divides out
+) -> torch.Tensor:  # [T, out]
+    """x @ weight.T (+ bias) as one batched GEMM over `parts` row slices of the weight."""
+    rows, in_features = x.shape
+    out_features = weight.shape[0]
+    slices = weight.view(parts, out_features // parts, in_features)  # [P, out / P, in]
+    # x.T's strides, (1, in), let the batched GEMM call BLAS; the same values through
+    # x.reshape(1, in, 1) (strides (in, 1, 1)) took a 4x slower path at one row.
+    cols = x.t().unsqueeze(0).expand(parts, in_features, rows)  # [P, in, T]
+    out = torch.bmm(slices, cols)  # [P, out / P, T]
+    if rows == 1:
+        out = out.view(1, out_features)
+    else:
+        out = out.permute(2, 0, 1).contiguous().view(rows, out_features)
+    if bias is not None:
+        out += bias
+    return out
+
+
+def in_row_buckets(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,  # [T, in]
+) -> torch.Tensor:  # fn(x) [T, out], with fn only ever called at a bucket's row count
+    """Runs a row-wise op at bucketed row counts: zero-padded up to the bucket, in chunks of
+    the largest bucket above it. Valid for ops whose output row i depends on input row i only."""
+    rows = x.shape[0]
+    if rows > _MAX_BUCKET:  # in chunks of _MAX_BUCKET rows; the last one padded
+        return torch.cat(
+            [in_row_buckets(fn, x[i : i + _MAX_BUCKET]) for i in range(0, rows, _MAX_BUCKET)]
+        )
+    bucket = onednn_row_bucket(rows)
+    if bucket != rows:
+        padded = x.new_zeros(bucket, x.shape[1])
+        padded[:rows] = x
+        return fn(padded)[:rows]
+    return fn(x)
+
+
+# oneDNN keeps state (primitives, JIT code) for every distinct row count it has run a weight at
+# and never frees it: measured here, 0.6 MB per row count for one 64 x 64 weight and about 2.7
+# MB for the four weight shapes of a SmolLM-135M layer, so a server seeing every batch size from
+# 1 to 690 grew by gigabytes. Rows are therefore padded up to a fixed set of buckets (38 row
+# counts, larger inputs run in chunks of the largest): 1-8 exact (decode at small batches),
+# multiples of 4 to 32, of 8 to 64, of 16 to 256 and of 32 to 512. A padded row costs its share
+# of the GEMM's FLOPs: at most 3/9 more rows (at 9 rows), 23% at 65 rows, 12% above 256;
+# bench/onednn_rows.py measures the cost (about 1.0-1.3x of the exact call at the worst row
+# counts, 1.0x at the buckets themselves) and the memory (flat instead of +0.5 MB per row
+# count). The same holds for a plain float32 weight (measured: +29 MiB after six row counts on
+# SmolLM-135M's weights, packed +36).
+_MAX_BUCKET = 512
+
+
+def onednn_row_bucket(rows: int) -> int:
+    """The row count a oneDNN linear runs at for `rows` (1 <= rows <= 512) rows."""
+    if rows <= 8:
+        return rows
+    step = 4 if rows <= 32 else 8 if rows <= 64 else 16 if rows <= 256 else 32
+    return -(-rows // step) * step
+
+
+def onednn_row_buckets() -> list[int]:
+    """Every row count `onednn_linear` runs oneDNN at."""
+    return sorted({onednn_row_bucket(r) for r in range(1, _MAX_BUCKET + 1)})
