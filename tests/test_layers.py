@@ -20,6 +20,7 @@ from engine.models.layers import (
     can_pack_for_cpu,
     split_gemv,
     split_gemv_parts,
+    split_gemv_slices,
 )
 from engine.models.rotary import RotaryEmbedding, apply_rope
 from engine.models.weight_mapper import WeightMapper
@@ -144,7 +145,7 @@ def test_split_gemv_equals_the_plain_product(rows, parts, slice_rows, in_feature
     w = torch.randn(out_features, in_features)
     b = torch.randn(out_features) if bias else None
     x = torch.randn(rows, in_features)
-    out = split_gemv(x, w, b, parts)
+    out = split_gemv(x, split_gemv_slices(w, parts), b)
     assert out.shape == (rows, out_features) and out.is_contiguous()
     torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
 

@@ -39,6 +39,7 @@ __all__ = [
     "pack_weight",
     "split_gemv",
     "split_gemv_parts",
+    "split_gemv_slices",
 ]
 
 _PACK_BATCH_HINT = 128  # the row count oneDNN picks its blocking for; any row count works
@@ -91,25 +92,26 @@ def split_gemv_parts(out_features: int, threads: int) -> int:
 
 def split_gemv(
     x: torch.Tensor,  # [T, in], T small
-    weight: torch.Tensor,  # [out, in], contiguous
+    slices: torch.Tensor,  # [P, out / P, in]: a contiguous weight's `split_gemv_slices`
     bias: torch.Tensor | None,
-    parts: int,  # from split_gemv_parts; divides out
 ) -> torch.Tensor:  # [T, out]
-    """x @ weight.T (+ bias) as one batched GEMM over `parts` row slices of the weight."""
+    """x @ weight.T (+ bias) as one batched GEMM over the weight's P row slices."""
     rows, in_features = x.shape
-    out_features = weight.shape[0]
-    slices = weight.view(parts, out_features // parts, in_features)  # [P, out / P, in]
+    parts = slices.shape[0]
     # x.T's strides, (1, in), let the batched GEMM call BLAS; the same values through
     # x.reshape(1, in, 1) (strides (in, 1, 1)) took a 4x slower path at one row.
-    cols = x.t().unsqueeze(0).expand(parts, in_features, rows)  # [P, in, T]
-    out = torch.bmm(slices, cols)  # [P, out / P, T]
-    if rows == 1:
-        out = out.view(1, out_features)
-    else:
-        out = out.permute(2, 0, 1).contiguous().view(rows, out_features)
+    out = torch.bmm(slices, x.t().expand(parts, in_features, rows))  # [P, out / P, T]
+    if rows > 1:  # [T, P, out / P]; at one row [P, out / P, 1] is already [1, out]
+        out = out.permute(2, 0, 1).contiguous()
+    out = out.view(rows, -1)
     if bias is not None:
         out += bias
     return out
+
+
+def split_gemv_slices(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """weight [out, in] (contiguous) as [parts, out / parts, in], a view."""
+    return weight.view(parts, weight.shape[0] // parts, weight.shape[1])
 
 
 def in_row_buckets(

@@ -57,6 +57,7 @@ from engine.models.cpu_gemm import (  # noqa: F401 - re-exported (int8 methods, 
     pack_weight,
     split_gemv,
     split_gemv_parts,
+    split_gemv_slices,
 )
 from engine.models.rotary import apply_rope
 
@@ -195,12 +196,14 @@ class OneDNNLinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         if layer.packed is not None:
             return onednn_linear(x, layer.packed, layer.bias)
-        weight = layer.weight
         if x.shape[0] <= SPLIT_GEMV_MAX_ROWS:
-            parts = split_gemv_parts(weight.shape[0], torch.get_num_threads())
+            slices = layer.gemv_slices
+            parts = split_gemv_parts(layer.out_features, torch.get_num_threads())
+            if slices is None or slices.shape[0] != parts:  # first call, or threads changed
+                slices = layer.gemv_slices = split_gemv_slices(layer.weight.data, parts)
             if parts > 1:
-                return split_gemv(x, weight, layer.bias, parts)
-        return onednn_linear(x, weight, layer.bias)
+                return split_gemv(x, slices, layer.bias)
+        return onednn_linear(x, layer.weight, layer.bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
         if layer.packed is None:
@@ -266,6 +269,8 @@ class Linear(nn.Module):
         self.weight = empty_param(out_features, in_features, dtype=dtype, device=device)
         self.bias = empty_param(out_features, dtype=dtype, device=device) if bias else None
         self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (OneDNNLinearMethod)
+        # The plain weight as [P, out / P, in] for the split GEMV (OneDNNLinearMethod, float32)
+        self.gemv_slices: torch.Tensor | None = None
         self.method: LinearMethod = UnquantizedLinearMethod()
         # Whether methods may quantize this layer's input (int8 activations): False for inputs
         # with outlier channels, such as a gated MLP's down projection.
