@@ -4,8 +4,9 @@ work a model does per token, and table printing.
 Bounds (measured, never assumed, each the best of several timed repeats):
 
     gemm_flops      fp32 FLOP/s of a square matmul (2048 x 2048 by default): the compute bound
-    copy_bandwidth  bytes/s of copying a large tensor, counting the bytes read and written: the
-                    memory bound that weight reads in batch-1 decode run into
+    copy_bandwidth  bytes/s of copying a large tensor, counting the bytes read and written
+    read_bandwidth  bytes/s of summing a large tensor (reads only): the memory bound that weight
+                    reads in batch-1 decode run into (a token reads every weight once)
 
 Models: `SMOLLM_SHAPE` is a random-weight Llama shaped like SmolLM-135M (hidden 576, intermediate
 1536, 30 layers, 9 heads, 3 KV heads, vocab 49152, tied embeddings); `TINY_SHAPE` is a small one
@@ -69,11 +70,13 @@ class HardwareBounds:
     gemm_flops: float  # fp32 FLOP/s
     copy_bandwidth: float  # bytes/s, read + write
     threads: int
+    read_bandwidth: float = 0.0  # bytes/s, reads only (0: not measured)
 
     def describe(self) -> str:
+        read = f", memory read {self.read_bandwidth / 1e9:.1f} GB/s" if self.read_bandwidth else ""
         return (
             f"measured bounds ({self.threads} threads): fp32 GEMM {self.gemm_flops / 1e9:.1f} "
-            f"GFLOP/s, memory copy {self.copy_bandwidth / 1e9:.1f} GB/s (read + write)"
+            f"GFLOP/s, memory copy {self.copy_bandwidth / 1e9:.1f} GB/s (read + write){read}"
         )
 
 
@@ -94,12 +97,22 @@ def measure_copy_bandwidth(
     return 2 * num_bytes / seconds
 
 
+def measure_read_bandwidth(
+    num_bytes: int = 512 * 2**20, repeats: int = 5, min_seconds: float = 0.0
+) -> float:
+    """Bytes/s of `sum` over a tensor much larger than the caches (a streaming read)."""
+    src = torch.ones(num_bytes // 4)
+    seconds = best_time(src.sum, repeats, min_seconds)
+    return num_bytes / seconds
+
+
 def measure_bounds(quick: bool = False) -> HardwareBounds:
     if quick:
         return HardwareBounds(
             gemm_flops=measure_gemm_flops(512, 3),
             copy_bandwidth=measure_copy_bandwidth(16 * 2**20, 3),
             threads=torch.get_num_threads(),
+            read_bandwidth=measure_read_bandwidth(16 * 2**20, 3),
         )
     # Many repeats over a few seconds: the best of them is what the machine can do when
     # undisturbed (one disturbed half-second here once read 95 GFLOP/s against 150 minutes later).
@@ -107,6 +120,7 @@ def measure_bounds(quick: bool = False) -> HardwareBounds:
         gemm_flops=measure_gemm_flops(repeats=10, min_seconds=3.0),
         copy_bandwidth=measure_copy_bandwidth(repeats=10, min_seconds=2.0),
         threads=torch.get_num_threads(),
+        read_bandwidth=measure_read_bandwidth(repeats=10, min_seconds=2.0),
     )
 
 
@@ -117,6 +131,7 @@ def best_bounds(first: HardwareBounds, second: HardwareBounds) -> HardwareBounds
         gemm_flops=max(first.gemm_flops, second.gemm_flops),
         copy_bandwidth=max(first.copy_bandwidth, second.copy_bandwidth),
         threads=first.threads,
+        read_bandwidth=max(first.read_bandwidth, second.read_bandwidth),
     )
 
 

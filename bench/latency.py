@@ -7,12 +7,13 @@ One request decodes --output-len tokens after a --prompt-len prompt. Decoding on
 reads every weight once (the linear layers, the LM head, the norms), so its speed is bound by
 memory bandwidth. The table gives decode tokens/s, the weight bytes read per second at that rate
 (plus the KV cache read, which is small at batch 1), and that figure as a fraction of the memory
-copy bandwidth measured in the same run (bytes read + written per second: what the memory system
-delivers). The bounds are measured before and after the systems run, and the higher figure of each
-counts. The "weight GEMMs alone" row times just the model's linear layers and LM head at one row,
-back to back with nothing in between, stored and called as the engine does (on CPU in float32:
-the split GEMV of engine/models/cpu_gemm.py): what the BLAS itself reaches here, the ceiling
-for any system that uses it.
+read bandwidth measured in the same run (a streaming `sum` over 512 MiB: what the memory system
+delivers to reads). The bounds are measured before and after the systems run, and the higher
+figure of each counts. The "weight GEMMs alone" row times just the model's linear layers and LM
+head at one row, back to back with nothing in between, stored and called as the engine does (on
+CPU in float32: the split GEMV of engine/models/cpu_gemm.py): what the BLAS itself reaches here,
+the ceiling for any system that uses it; "oneDNN only" times the same weights through oneDNN's
+linear alone (the kernel the split GEMV replaced at one row).
 
 Engine: the time of each decode step (`LLMEngine.step()` after the prefill step), median over the
 run. HF: (time of generate(N tokens) - time of generate(1 token)) / (N - 1), best of 3.
@@ -88,11 +89,12 @@ def hf_decode_seconds(path: Path, prompt: list[int], args: argparse.Namespace) -
     return (many - one) / (args.output_len - 1)
 
 
-def gemv_only_seconds(hf_config, dtype: torch.dtype) -> float:
+def gemv_only_seconds(hf_config, dtype: torch.dtype, onednn_only: bool = False) -> float:
     """Best time of the model's weight GEMMs alone at one row: every linear layer and the LM head,
     stored and called as the engine's linear layers (`default_linear_method`), fed a random
     row, nothing else in between. This is what the BLAS delivers for batch-1 decode here: the
-    engine's ceiling."""
+    engine's ceiling. `onednn_only`: oneDNN's linear at every row count (no split GEMV), the
+    kernel the engine used before, for comparison in the same run."""
     hidden, inter = hf_config.hidden_size, hf_config.intermediate_size
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
@@ -116,9 +118,19 @@ def gemv_only_seconds(hf_config, dtype: torch.dtype) -> float:
         linear.process_weights_after_loading(method)
         linears.append(linear)
 
-    def chain() -> None:
-        for linear in linears:
-            linear(inputs[linear.in_features])
+    if onednn_only:
+        from engine.models.cpu_gemm import onednn_linear
+
+        def chain() -> None:
+            for linear in linears:
+                weight = linear.packed if linear.packed is not None else linear.weight
+                onednn_linear(inputs[linear.in_features], weight, None)
+
+    else:
+
+        def chain() -> None:
+            for linear in linears:
+                linear(inputs[linear.in_features])
 
     return best_time(chain, 5)
 
@@ -163,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {path.name}: {cost.weight_bytes / 1e6:.0f} MB of weights read per token, "
         f"{kv_bytes / 1e6:.1f} MB of KV cache at the mean context ({context:.0f} tokens); "
-        f"bound: {bounds.copy_bandwidth / read_bytes:.1f} tokens/s"
+        f"bound: {bounds.read_bandwidth / read_bytes:.1f} tokens/s at the read bandwidth"
     )
     systems = [("engine", engine_decode_seconds(path, prompt, args))]
-    systems.append(("weight GEMMs alone", gemv_only_seconds(hf_config, getattr(torch, args.dtype))))
+    dtype = getattr(torch, args.dtype)
+    systems.append(("weight GEMMs alone", gemv_only_seconds(hf_config, dtype)))
+    from engine.models.layers import OneDNNLinearMethod, default_linear_method
+
+    if isinstance(default_linear_method(dtype, torch.device("cpu")), OneDNNLinearMethod):
+        systems.append(("  oneDNN only", gemv_only_seconds(hf_config, dtype, onednn_only=True)))
     if not args.no_hf:
         systems.append(("HF generate", hf_decode_seconds(path, prompt, args)))
     if not args.quick:  # measured again after the runs; the higher figures count
@@ -180,13 +197,13 @@ def main(argv: list[str] | None = None) -> int:
                 f"{seconds * 1e3:.1f}",
                 f"{1 / seconds:.1f}",
                 f"{read_bytes / seconds / 1e9:.1f}",
-                f"{read_bytes / seconds / bounds.copy_bandwidth:.0%}",
+                f"{read_bytes / seconds / bounds.read_bandwidth:.0%}",
                 f"{seconds / systems[0][1]:.2f}x",
             ]
         )
     print(
         format_table(
-            ["system", "ms/token", "tokens/s", "GB/s read", "of copy bandwidth", "engine speedup"],
+            ["system", "ms/token", "tokens/s", "GB/s read", "of read bandwidth", "engine speedup"],
             rows,
         )
     )
