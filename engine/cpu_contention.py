@@ -19,9 +19,10 @@ The signal, "cores used by others", over a window of at least `interval_s`:
 
 i.e. other processes plus the event loop, the tokenizer thread and any other Python thread of
 the server; the engine thread and its OpenMP workers (threads libgomp created, never Python
-threads) are the engine's own compute and do not count. /proc/stat is tick-sampled (10 ms per
-CPU), so one window's value is noisy by about +-0.1 core on 100 ms; the decision uses the mean
-of the last `smooth_windows` windows.
+threads) are the engine's own compute and do not count. /proc/stat counts in ticks (10 ms per
+CPU), so one window's value moves in steps of 0.01 s / window: 0.1 core on 100 ms windows,
+which made a quiet concurrency-1 run flip to reserved now and then; hence 200 ms windows
+(0.05 core per tick), and the decision uses the mean of the last `smooth_windows` windows.
 
 Decision (hysteresis, so it never flaps): reserve (max_threads - 1, at least 1) once the
 smoothed signal exceeds `reserve_above` cores; release (max_threads) after `release_windows`
@@ -60,7 +61,7 @@ __all__ = [
 AUTO: Literal["auto"] = "auto"
 
 # Defaults of the decision, in cores (see the README part for the measured signal they fit).
-INTERVAL_S = 0.1
+INTERVAL_S = 0.2
 RESERVE_ABOVE = 0.25
 RELEASE_BELOW = 0.1
 RELEASE_WINDOWS = 2

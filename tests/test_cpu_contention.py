@@ -42,7 +42,7 @@ class FakeCpu:
             raise OSError("no /proc here")
         return CpuTimes(busy_s=self.busy, own_s=self.own, threads={1: self.loop_thread})
 
-    def window(self, others: float, engine: float = 1.9, loop: float = 0.0, dt: float = 0.125):
+    def window(self, others: float, engine: float = 1.9, loop: float = 0.0, dt: float = 0.25):
         """`dt` seconds (a binary fraction: exact sums) in which other processes use `others`
         cores, the engine's own threads `engine` and the event loop `loop` (the loop is part of
         this process's time)."""
@@ -72,7 +72,8 @@ def test_others_counts_other_processes_and_own_python_threads_but_not_the_engine
     assert others_cores(before, CpuTimes(busy_s=10.0, own_s=4.5, threads={}), 1.0) == 0.0
 
 
-def test_reserves_above_the_threshold_and_releases_after_quiet_windows():
+def test_reserves_above_the_threshold_and_releases_after_quiet_windows(caplog):
+    caplog.set_level("DEBUG", logger="engine.cpu_contention")
     fake = FakeCpu()
     a = adaptive(fake)
     assert a.threads == a.next_step_threads() == 2
@@ -92,7 +93,11 @@ def test_reserves_above_the_threshold_and_releases_after_quiet_windows():
     assert summary.switches == 2
     assert summary.windows == 9
     assert summary.others_max == pytest.approx(0.9)
-    assert summary.reduced_s == pytest.approx(3 * 0.125)  # the windows measured while reserved
+    assert summary.reduced_s == pytest.approx(3 * 0.25)  # the windows measured while reserved
+    switches = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert len(switches) == 2
+    assert switches[0].startswith("engine threads 2 -> 1 (others used 0.90 cores")
+    assert switches[1].startswith("engine threads 1 -> 2")
 
 
 def test_the_event_loop_thread_counts_as_competition():
@@ -121,7 +126,7 @@ def test_checks_at_most_every_interval():
     for _ in range(100):  # 100 steps within one interval: no reading
         fake.window(others=2.0, dt=2**-11)
         assert a.next_step_threads() == 2
-    fake.window(others=2.0, dt=0.125)
+    fake.window(others=2.0, dt=0.25)
     assert a.next_step_threads() == 1
     assert reads == [7, 7]  # the engine thread's id, passed to the reader
 
@@ -381,7 +386,7 @@ def test_metrics_expose_the_engine_threads_and_the_contention_signal(llama_path)
     now = [0.0]
 
     def clock() -> float:  # every look at the clock: another window passed
-        now[0] += 0.125
+        now[0] += 0.25
         return now[0]
 
     def read(engine_tid: int) -> CpuTimes:  # 1.25 cores of other processes, 1 of the engine
