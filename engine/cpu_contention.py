@@ -24,6 +24,11 @@ CPU), so one window's value moves in steps of 0.01 s / window: 0.1 core on 100 m
 which made a quiet concurrency-1 run flip to reserved now and then; hence 200 ms windows
 (0.05 core per tick), and the decision uses the mean of the last `smooth_windows` windows.
 
+A window longer than `max_window_s` (the engine was idle: nothing called between steps) is
+stale, its average mostly about a past that no longer matters (e.g. the server's own start-up,
+whose template workers import transformers): it only starts a new window and the current choice
+stays.
+
 Decision (hysteresis, so it never flaps): reserve (max_threads - 1, at least 1) once the
 smoothed signal exceeds `reserve_above` cores; release (max_threads) after `release_windows`
 consecutive windows below `release_below`. Between the two thresholds the current choice stays.
@@ -66,6 +71,7 @@ RESERVE_ABOVE = 0.25
 RELEASE_BELOW = 0.1
 RELEASE_WINDOWS = 2
 SMOOTH_WINDOWS = 2
+MAX_WINDOW_S = 1.0
 
 
 def parse_reserved_cpus(value: str | int, name: str = "reserved_cpus") -> int | Literal["auto"]:
@@ -220,6 +226,7 @@ class AdaptiveThreads:
         release_below: float = RELEASE_BELOW,
         release_windows: int = RELEASE_WINDOWS,
         smooth_windows: int = SMOOTH_WINDOWS,
+        max_window_s: float = MAX_WINDOW_S,
     ) -> None:
         if max_threads is not None and max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
@@ -229,6 +236,9 @@ class AdaptiveThreads:
             )
         if interval_s <= 0 or release_windows < 1 or smooth_windows < 1:
             raise ValueError("interval_s must be > 0, release_windows and smooth_windows >= 1")
+        if max_window_s < interval_s:
+            raise ValueError(f"max_window_s must be >= interval_s, got {max_window_s}")
+        self.max_window_s = max_window_s
         self.interval_s = interval_s
         self.reserve_above = reserve_above
         self.release_below = release_below
@@ -283,9 +293,9 @@ class AdaptiveThreads:
         current = self._sample()
         if current is None:
             return self.threads
-        others = others_cores(self._last, current, wall)
-        self._last, self._last_time = current, now
-        self._decide(others, wall)
+        before, self._last, self._last_time = self._last, current, now
+        if wall <= self.max_window_s:  # else stale (the engine was idle): a new window only
+            self._decide(others_cores(before, current, wall), wall)
         return self.threads
 
     def summary(self, reset_max: bool = False) -> ThreadsSummary:

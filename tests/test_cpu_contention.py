@@ -131,6 +131,16 @@ def test_checks_at_most_every_interval():
     assert reads == [7, 7]  # the engine thread's id, passed to the reader
 
 
+def test_a_window_spanning_an_idle_engine_is_stale_and_only_restarts_the_measure():
+    fake = FakeCpu()
+    a = adaptive(fake)
+    fake.window(others=1.5, dt=4.0)  # e.g. the server starting its template workers, then idle
+    assert a.next_step_threads() == 2
+    assert a.summary().windows == 0
+    fake.window(others=1.5)  # a fresh window decides again
+    assert a.next_step_threads() == 1
+
+
 def test_never_below_one_thread_and_one_core_never_adapts():
     fake = FakeCpu()
     one = adaptive(fake, max_threads=1)
@@ -173,6 +183,8 @@ def test_bad_thresholds_are_rejected():
         AdaptiveThreads(0)
     with pytest.raises(ValueError, match="release_below"):
         AdaptiveThreads(2, reserve_above=0.1, release_below=0.2)
+    with pytest.raises(ValueError, match="max_window_s"):
+        AdaptiveThreads(2, interval_s=0.5, max_window_s=0.2)
 
 
 # ---- the setting ------------------------------------------------------------------------------
