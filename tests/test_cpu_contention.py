@@ -433,10 +433,12 @@ def test_metrics_expose_the_engine_threads_and_the_contention_signal(llama_path)
             assert response.status == 200
         seen = metrics(thread.url)
         line = stats_logger.line()
+        cpu_line = stats_logger.cpu_line()
     assert seen["engine:cpu_threads"] == 1  # reserved: the fake says 1.25 cores of other work
     assert seen["engine:cpu_contention_cores"] == pytest.approx(1.25)
-    assert line is not None and "Engine threads: 1 (" in line
-    assert "Other CPU use: avg 1.25, max 1.25 cores" in line
+    assert line is not None and "Engine" not in line  # vLLM's throughput line, unchanged
+    assert cpu_line is not None and cpu_line.startswith("Engine CPU threads: 1 (")
+    assert cpu_line.endswith("other CPU use: avg 1.25, max 1.25 cores")
 
 
 def test_static_reservation_exposes_its_thread_count_and_no_contention(llama_path):

@@ -612,7 +612,9 @@ class OpenAIServer:
 
     def _cpu_summary(self) -> ThreadsSummary | None:
         adaptive = self.async_engine.adaptive
-        return adaptive.summary(reset_max=True) if adaptive is not None else None
+        if adaptive is None or not adaptive.enabled:
+            return None
+        return adaptive.summary(reset_max=True)
 
     async def _log_stats(self, interval: float) -> None:
         stats_logger = StatsLogger(lambda: self.async_engine.stats, cpu=self._cpu_summary)
@@ -621,6 +623,9 @@ class OpenAIServer:
             line = stats_logger.line()
             if line is not None:
                 logger.info(line)
+            cpu_line = stats_logger.cpu_line()  # None unless the reservation measured something
+            if cpu_line is not None:
+                logger.info(cpu_line)
 
 
 def engine_threads(reserved_cpus: int | Literal["auto"]) -> int | Literal["auto"] | None:

@@ -17,7 +17,8 @@ Every series carries the `model_name` label. Two more gauges, not vLLM's (hence 
 prefix), read at scrape time from the AsyncEngine: `engine:cpu_threads` (the torch threads the
 engine thread steps with now) and, with the adaptive reservation (`reserved_cpus="auto"`),
 `engine:cpu_contention_cores` (cores used by work other than the engine's steps in the latest
-window, the signal that decides; engine/cpu_contention.py).
+window, the signal that decides; engine/cpu_contention.py); with it, `StatsLogger.cpu_line`
+adds a line of its own after the throughput line (which keeps vLLM's format).
 """
 
 from __future__ import annotations
@@ -242,6 +243,7 @@ class StatsLogger:
         # The adaptive CPU reservation's counters (None: static thread count, no summary).
         self._cpu = cpu
         self._last_cpu = cpu() if cpu is not None else None
+        self._last_cpu_time = self._last_time
 
     def line(self) -> str | None:
         """The line for the interval since the previous call; None when the engine was idle."""
@@ -262,28 +264,25 @@ class StatsLogger:
             f"Avg generation throughput: {generated / elapsed:.1f} tokens/s, "
             f"Running: {sched.num_running} reqs, Waiting: {sched.num_waiting} reqs, "
             f"KV cache usage: {100.0 * sched.kv_cache_usage:.1f}%, "
-            f"Prefix cache hit rate: {hit_rate:.1f}%"
-            + _spec_decode_part(current, prev)
-            + self._cpu_part(elapsed)
+            f"Prefix cache hit rate: {hit_rate:.1f}%" + _spec_decode_part(current, prev)
         )
 
-    def _cpu_part(self, elapsed: float) -> str:
-        """ ", Engine threads: 2 (1 for 30% of the time), Other CPU use: avg 0.21, max 0.90
-        cores" for the interval, with the adaptive reservation."""
-        if self._cpu is None:
-            return ""
-        current, prev = self._cpu(), self._last_cpu
-        self._last_cpu = current
-        if current is None or prev is None:
-            return ""
-        windows = current.windows - prev.windows
-        if not windows:
-            return f", Engine threads: {current.threads}"
+    def cpu_line(self) -> str | None:
+        """With the adaptive CPU reservation, its line for the interval since the previous call
+        (None without it, or when it measured nothing): "Engine CPU threads: 2 (30% of the time
+        reserved), other CPU use: avg 0.21, max 0.90 cores". A line of its own, so the
+        throughput line keeps vLLM's format."""
+        now = time.monotonic()
+        current, prev = (self._cpu() if self._cpu is not None else None), self._last_cpu
+        elapsed = max(now - self._last_cpu_time, 1e-9)
+        self._last_cpu, self._last_cpu_time = current, now
+        if current is None or prev is None or current.windows == prev.windows:
+            return None
         reduced = 100.0 * min(1.0, (current.reduced_s - prev.reduced_s) / elapsed)
-        avg = (current.others_sum - prev.others_sum) / windows
+        avg = (current.others_sum - prev.others_sum) / (current.windows - prev.windows)
         return (
-            f", Engine threads: {current.threads} ({reduced:.0f}% of the time reserved), "
-            f"Other CPU use: avg {avg:.2f}, max {current.others_max:.2f} cores"
+            f"Engine CPU threads: {current.threads} ({reduced:.0f}% of the time reserved), "
+            f"other CPU use: avg {avg:.2f}, max {current.others_max:.2f} cores"
         )
 
 
