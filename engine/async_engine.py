@@ -477,7 +477,11 @@ class AsyncEngine:
         measured with libgomp; the check itself is a clock comparison between windows)."""
         if self.adaptive is None:
             return
-        threads = self.adaptive.next_step_threads()
+        try:
+            threads = self.adaptive.next_step_threads()
+        except Exception:  # a bug there must not stop the engine: every thread from now on
+            logger.exception("the adaptive CPU reservation failed; stepping with every thread")
+            threads, self.adaptive = self.adaptive.max_threads, None
         if threads != self._cpu_threads:
             import torch
 

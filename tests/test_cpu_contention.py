@@ -319,6 +319,33 @@ def machine_load(seconds: float = 0.5) -> float:
     return others_cores(first, reader(), time.monotonic() - start)
 
 
+def test_a_failing_reservation_leaves_the_engine_stepping_with_every_thread(engine_factory, caplog):
+    import torch
+
+    class Broken(AdaptiveThreads):
+        def next_step_threads(self) -> int:
+            raise ZeroDivisionError("a bug")
+
+    engine = engine_factory(num_threads=Broken(2, read=FakeCpu().read))
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    before = torch.get_num_threads()
+
+    async def main():
+        stream = await engine.add_request("r0", [5, 6, 7], params)
+        out = await stream.final()
+        threads = engine.cpu_threads
+        await engine.shutdown()
+        return out, threads
+
+    try:
+        out, threads = asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        torch.set_num_threads(before)
+    assert len(out.outputs[0].token_ids) == 3 and threads == 2
+    assert engine.adaptive is None
+    assert "adaptive CPU reservation failed" in caplog.text
+
+
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs to reserve one")
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux accounting")
 def test_a_busy_process_makes_the_engine_reserve_a_core_and_its_end_releases_it(
