@@ -491,3 +491,25 @@ def test_static_reservation_exposes_its_thread_count_and_no_contention(llama_pat
             text = response.read().decode()
     assert f'engine:cpu_threads{{model_name="tiny"}} {float(engine_threads(1))}' in text
     assert "engine:cpu_contention_cores" not in text
+
+
+def test_abuse_bench_reports_the_engine_threads_per_kind_of_phase():
+    """bench/abuse.py's summary line of the gauges it sampled from /metrics."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "abuse.py"
+    spec = importlib.util.spec_from_file_location("bench_abuse_gauges", path)
+    assert spec is not None and spec.loader is not None
+    abuse = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = abuse  # its dataclasses look their module up
+    spec.loader.exec_module(abuse)
+    report = abuse.Report()
+    assert abuse._gauges_line(report) == ""  # a server without the gauges: no line
+    report.threads_alone, report.threads_abuse = [2, 2, 2, 1], [1, 1, 2, 1]
+    report.contention_alone, report.contention_abuse = [0.0, 0.1], [1.2, 1.6]
+    assert abuse._gauges_line(report) == (
+        "engine CPU threads: alone 1.75 (25% of samples reserved), under abuse 1.25 (75% of "
+        "samples reserved); contention signal (cores, mean / max): alone 0.05 / 0.10, under "
+        "abuse 1.40 / 1.60"
+    )
