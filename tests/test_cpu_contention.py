@@ -513,3 +513,26 @@ def test_abuse_bench_reports_the_engine_threads_per_kind_of_phase():
         "samples reserved); contention signal (cores, mean / max): alone 0.05 / 0.10, under "
         "abuse 1.40 / 1.60"
     )
+
+
+def test_thread_switch_bench_quick():
+    """bench/thread_switch.py --quick (demo model, seconds) prints its cost table."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "thread_switch.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick"], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    assert "thread switch costs, 2 <-> 1 threads" in out
+    for row in (
+        "| torch.set_num_threads |",
+        "| one accounting reading",
+        "| 2 threads |",
+        "| 1 threads |",
+    ):
+        assert row in out
+    assert "RSS " in out
