@@ -29,9 +29,16 @@ stale, its average mostly about a past that no longer matters (e.g. the server's
 whose template workers import transformers): it only starts a new window and the current choice
 stays.
 
+Only what does not fit beside the team competes with it: `spare = cpus - max_threads` cores
+(the CPUs of the affinity mask the team leaves free, 0 by default since torch takes every core)
+are subtracted first. So a team sized below the machine on purpose (OMP_NUM_THREADS, tensor-
+parallel ranks or Ray replicas sharing a machine, each with its share of the cores) does not
+see its siblings as competition, while the usual team of every core sees everything.
+
 Decision (hysteresis, so it never flaps): reserve (max_threads - 1, at least 1) once the
-smoothed signal exceeds `reserve_above` cores; release (max_threads) after `release_windows`
-consecutive windows below `release_below`. Between the two thresholds the current choice stays.
+smoothed `others - spare` exceeds `reserve_above` cores; release (max_threads) after
+`release_windows` consecutive windows with `others - spare` below `release_below`. Between the
+two thresholds the current choice stays.
 
 Invariants: `threads` is always in [max(1, max_threads - 1), max_threads]; between windows
 `next_step_threads()` only compares a clock (no system call); nothing here ever raises into the
@@ -227,6 +234,7 @@ class AdaptiveThreads:
         release_windows: int = RELEASE_WINDOWS,
         smooth_windows: int = SMOOTH_WINDOWS,
         max_window_s: float = MAX_WINDOW_S,
+        cpus: int | None = None,
     ) -> None:
         if max_threads is not None and max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {max_threads}")
@@ -246,6 +254,9 @@ class AdaptiveThreads:
         self._read = read
         self._clock = clock
         self.others_cores: float | None = None  # the latest window's signal
+        # CPUs the team may run on (None: this process's affinity mask, read at start()).
+        self._cpus = cpus
+        self.spare_cores = 0  # cpus - max_threads: free beside the team, set at start()
         self._set_max_threads(max_threads or 1)
         self._max_given = max_threads is not None
         self._recent: deque[float] = deque(maxlen=smooth_windows)
@@ -272,6 +283,8 @@ class AdaptiveThreads:
         engine thread's torch default)."""
         if not self._max_given and default_threads is not None:
             self._set_max_threads(max(1, default_threads))
+        cpus = self._cpus if self._cpus is not None else _affinity_cpus()
+        self.spare_cores = max(0, cpus - self.max_threads)
         if not self.enabled:
             return
         tid = threading.get_native_id() if engine_tid is None else engine_tid
@@ -330,10 +343,11 @@ class AdaptiveThreads:
 
     def _decide(self, others: float, wall: float) -> None:
         self.others_cores = others
-        self._recent.append(others)
+        excess = others - self.spare_cores  # what does not fit beside the team
+        self._recent.append(excess)
         smoothed = sum(self._recent) / len(self._recent)
         before = self.threads
-        if others < self.release_below:
+        if excess < self.release_below:
             self._quiet_windows += 1
         else:
             self._quiet_windows = 0
@@ -351,12 +365,21 @@ class AdaptiveThreads:
                 self._switches += 1
         if self.threads != before:
             logger.debug(
-                "engine threads %d -> %d (others used %.2f cores, %.2f smoothed)",
+                "engine threads %d -> %d (others used %.2f cores; beyond the %d spare, "
+                "%.2f smoothed)",
                 before,
                 self.threads,
                 others,
+                self.spare_cores,
                 smoothed,
             )
+
+
+def _affinity_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _proc_reader(engine_tid: int) -> Callable[[int], CpuTimes]:

@@ -53,6 +53,7 @@ class FakeCpu:
 
 
 def adaptive(fake: FakeCpu, max_threads: int = 2, **kw) -> AdaptiveThreads:
+    kw.setdefault("cpus", max_threads)  # a team of every core, whatever this machine has
     a = AdaptiveThreads(max_threads, read=fake.read, clock=lambda: fake.now, **kw)
     a.start(engine_tid=99)
     return a
@@ -120,7 +121,7 @@ def test_checks_at_most_every_interval():
     fake = FakeCpu()
     reads = []
     a = AdaptiveThreads(
-        2, read=lambda tid: reads.append(tid) or fake.read(tid), clock=lambda: fake.now
+        2, read=lambda tid: reads.append(tid) or fake.read(tid), clock=lambda: fake.now, cpus=2
     )
     a.start(engine_tid=7)
     for _ in range(100):  # 100 steps within one interval: no reading
@@ -139,6 +140,27 @@ def test_a_window_spanning_an_idle_engine_is_stale_and_only_restarts_the_measure
     assert a.summary().windows == 0
     fake.window(others=1.5)  # a fresh window decides again
     assert a.next_step_threads() == 1
+
+
+def test_cores_left_free_beside_the_team_are_not_competition():
+    """A team of 2 threads on 4 CPUs (OMP_NUM_THREADS=2, or one of two tensor-parallel ranks or
+    replicas): 2 cores of other work fit beside it; only what does not fit competes."""
+    fake = FakeCpu()
+    a = adaptive(fake, max_threads=2, cpus=4)
+    assert a.spare_cores == 2
+    for _ in range(4):
+        fake.window(others=2.1)  # the sibling rank / replica, and a little more
+        assert a.next_step_threads() == 2
+    fake.window(others=2.6)
+    fake.window(others=2.6)
+    assert a.next_step_threads() == 1  # 0.6 cores beyond the 2 spare ones
+    fake.window(others=2.05)
+    fake.window(others=2.05)
+    assert a.next_step_threads() == 1
+    fake.window(others=2.0)
+    assert a.next_step_threads() == 2
+    every_core = adaptive(FakeCpu(), max_threads=4, cpus=4)
+    assert every_core.spare_cores == 0
 
 
 def test_never_below_one_thread_and_one_core_never_adapts():
@@ -278,7 +300,7 @@ def test_async_engine_applies_the_adaptive_choice_on_its_thread(engine_factory):
     import torch
 
     fake = FakeCpu()
-    adapt = AdaptiveThreads(2, read=fake.read, clock=lambda: fake.now)
+    adapt = AdaptiveThreads(2, read=fake.read, clock=lambda: fake.now, cpus=2)
     engine = engine_factory(num_threads=adapt)
     seen: list[int] = []
     loads = iter([0.0] * 3 + [1.5] * 4 + [0.0] * 6)
@@ -358,7 +380,7 @@ def test_a_busy_process_makes_the_engine_reserve_a_core_and_its_end_releases_it(
     baseline = machine_load()
     if baseline > 0.3:  # the release needs a quiet machine; CI runs the tests one at a time
         pytest.skip(f"the machine is busy ({baseline:.2f} cores of other work)")
-    wanted = 2
+    wanted = len(os.sched_getaffinity(0))  # a team of every core, as the server's default
     engine = engine_factory(num_threads=AdaptiveThreads(wanted))
     # Each step also sleeps 2 ms: the event loop then wakes a few hundred times a second, not
     # thousands (the tiny test model steps in microseconds), and stays a small load.
@@ -438,7 +460,7 @@ def test_metrics_expose_the_engine_threads_and_the_contention_signal(llama_path)
     assert config.reserved_cpus == AUTO
     server = OpenAIServer(engine, config)
     assert server.async_engine.num_threads == AUTO
-    server.async_engine.adaptive = AdaptiveThreads(2, read=read, clock=clock)
+    server.async_engine.adaptive = AdaptiveThreads(2, read=read, clock=clock, cpus=2)
 
     def metrics(url: str) -> dict[str, float]:
         with urllib.request.urlopen(url + "/metrics", timeout=30) as response:
