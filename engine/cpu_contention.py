@@ -67,6 +67,7 @@ __all__ = [
     "CpuTimes",
     "ProcCpuTimes",
     "ThreadsSummary",
+    "others_cores",
     "parse_reserved_cpus",
 ]
 
