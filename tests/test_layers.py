@@ -42,15 +42,15 @@ def _filled_linear(out: int, inp: int, bias: bool = True, **kw) -> Linear:
         UnquantizedLinearMethod(cpu_gemm_layout=True),
         *(
             pytest.param(
-                OneDNNLinearMethod(pack=pack),
+                OneDNNLinearMethod(split_gemv=split),
                 marks=pytest.mark.skipif(
                     not can_pack_for_cpu(torch.float32, torch.device("cpu")), reason="no oneDNN"
                 ),
             )
-            for pack in (False, True)
+            for split in (False, True)
         ),
     ],
-    ids=lambda m: f"{m.name}-pack{m.pack}" if isinstance(m, OneDNNLinearMethod) else m.name,
+    ids=lambda m: f"{m.name}-split{m.split_gemv}" if isinstance(m, OneDNNLinearMethod) else m.name,
 )
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

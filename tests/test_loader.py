@@ -64,9 +64,9 @@ def test_block_count_from_memory_budget(llama_path):
 
 
 def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
-    """float32 on CPU: every linear layer runs oneDNN (or the split GEMV at a few rows) on its
-    plain weight, with no second copy (the tied head shares the embedding's storage);
-    bfloat16 packs them. Outputs equal the plain-GEMM model's up to float32 rounding."""
+    """float32 on CPU: every linear layer is packed for oneDNN and keeps its plain weight for the
+    split GEMV (a tied head shares the embedding's storage); ENGINE_SPLIT_GEMV=0 and bfloat16
+    keep the packed copy only. Outputs equal the plain-GEMM model's up to float32 rounding."""
     from engine.models.layers import OneDNNLinearMethod, can_pack_for_cpu
     from engine.models.llama import Linear
 
@@ -76,20 +76,33 @@ def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
     model = onednn_llm.llm_engine.model
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert linears and all(
-        isinstance(m.method, OneDNNLinearMethod) and m.packed is None and m.weight.is_contiguous()
+        isinstance(m.method, OneDNNLinearMethod)
+        and m.method.split_gemv
+        and m.packed is not None
+        and m.weight.shape[0] > 0
+        and m.weight.is_contiguous()
         for m in linears
     )
     if model.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr()
     packed = onednn_llm.generate(prompts, params, use_tqdm=False)
 
-    bf16 = LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20).llm_engine.model
-    if can_pack_for_cpu(torch.bfloat16, torch.device("cpu")):
-        assert all(
+    def packed_only(llm: LLM) -> bool:
+        return all(
             m.packed is not None and m.weight.shape[0] == 0
-            for m in bf16.modules()
+            for m in llm.llm_engine.model.modules()
             if isinstance(m, Linear)
         )
+
+    if can_pack_for_cpu(torch.bfloat16, torch.device("cpu")):
+        assert packed_only(LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20))
+    monkeypatch.setenv("ENGINE_SPLIT_GEMV", "0")
+    no_split = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
+    assert packed_only(no_split)
+    torch.testing.assert_close(
+        no_split.generate(prompts, params, use_tqdm=False)[0].outputs[0].token_ids,
+        packed[0].outputs[0].token_ids,
+    )
 
     monkeypatch.setenv("ENGINE_ONEDNN_LINEAR", "0")
     plain_llm = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)

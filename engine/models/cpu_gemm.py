@@ -2,23 +2,24 @@
 
 Two kernels, picked per call by the number of rows T of the input:
 
-- **oneDNN's linear** (`onednn_linear`), at any T: `torch.ops.mkldnn._linear_pointwise`, on a
-  bfloat16 weight packed into oneDNN's blocked layout (`pack_weight`) or on the plain float32
-  weight, which oneDNN reads as fast as its packed copy (measured on SmolLM-135M's weights, all
-  30 layers and the LM head, 2 threads: 27.8 vs 28.7 ms at 1 row, 48 vs 51 at 16, 112 vs 111
-  at 64, 3-8% slower from 128 rows on) while bfloat16 needs the packing (25.4 vs 15.8 ms at 1
-  row). oneDNN keeps state for every row count it runs at and never frees it, so it runs only
-  at bucketed row counts (`onednn_row_bucket`).
+- **oneDNN's linear** (`onednn_linear`), at any T: `torch.ops.mkldnn._linear_pointwise` on the
+  weight packed into oneDNN's blocked layout (`pack_weight`). On the plain weight oneDNN is
+  1.2-1.9x slower from 5 to 64 rows (measured per SmolLM-135M weight shape, 2 threads, cache
+  resident: 1.57x at 5 rows for q/k/v, 1.94x for gate/up, 1.2x at 32, ~1.05x from 256), and the
+  engine's offline throughput fell from 146 to 113 tok/s with plain weights, hence the packing.
+  oneDNN keeps state for every row count it runs at and never frees it, so it runs only at
+  bucketed row counts (`onednn_row_bucket`).
 - **The split GEMV** (`split_gemv`), for float32 at T <= `SPLIT_GEMV_MAX_ROWS` with >= 2 torch
-  threads: the plain weight [out, in] viewed as P = threads slices of out / P rows
-  ([P, out / P, in], no copy) and multiplied by one batched GEMM, so each thread streams its
-  own slice of the weight. At one row a linear is a matrix-vector product bound by how fast
-  the weight is read; oneDNN's and MKL's single GEMV kernels leave half the bandwidth unused on
-  the 2-core machines here, the batched one does not. Measured (same weights, 2 threads, AMD
-  EPYC): 18.4 ms vs oneDNN's 29.8 at 1 row (27.8 GB/s, the machine's read bandwidth: a plain
-  `sum` over the same bytes reads 28.6 GB/s), 18.3 vs 34.6 at 2 rows, 27.2 vs 34.5 at 4,
-  43.4 vs 40.0 at 8 (oneDNN wins from there). With one thread oneDNN is faster (43 vs 50 ms).
-  bfloat16 keeps oneDNN at every T: torch's bfloat16 batched GEMM is slower (35 vs 15.8 ms).
+  threads, on a plain copy of the weight: [out, in] viewed as P = threads slices of out / P rows
+  ([P, out / P, in], no copy) and multiplied by one batched GEMM, so each thread streams its own
+  slice of the weight. At one row a linear is a matrix-vector product bound by how fast the
+  weight is read; oneDNN's GEMV leaves a third of the bandwidth unused on the 2-core machines
+  here, the batched one does not. Measured (SmolLM-135M's 30 layers and LM head, 538 MB, 2
+  threads, AMD EPYC): 17.5-18.4 ms vs oneDNN's 27.9-29.8 at 1 row (30 GB/s; a streaming `sum`
+  over the same tensors reads 29 GB/s), 18.3 vs 34.6 at 2 rows, 27.2 vs 34.5 at 4, 43.4 vs
+  40.0 at 8 (oneDNN wins from there). With one thread oneDNN is faster (43 vs 50 ms), so the
+  split needs two. bfloat16 keeps oneDNN at every T: torch's bfloat16 batched GEMM is slower
+  (35 vs 15.8 ms).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:  # [out, in] -> oneDNN-bl
 
 def onednn_linear(
     x: torch.Tensor,  # [T, in]
-    weight: torch.Tensor,  # from pack_weight, or a plain contiguous float32 [out, in]
+    weight: torch.Tensor,  # from pack_weight (a plain [out, in] works too, slower)
     bias: torch.Tensor | None,
 ) -> torch.Tensor:  # [T, out]
     """oneDNN's linear, run only at the row counts of `onednn_row_bucket` (see there)."""
@@ -142,8 +143,7 @@ def in_row_buckets(
 # of the GEMM's FLOPs: at most 3/9 more rows (at 9 rows), 23% at 65 rows, 12% above 256;
 # bench/onednn_rows.py measures the cost (about 1.0-1.3x of the exact call at the worst row
 # counts, 1.0x at the buckets themselves) and the memory (flat instead of +0.5 MB per row
-# count). The same holds for a plain float32 weight (measured: +29 MiB after six row counts on
-# SmolLM-135M's weights, packed +36).
+# count).
 _MAX_BUCKET = 512
 
 

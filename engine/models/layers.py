@@ -35,6 +35,7 @@ ranks, gives each rank the one KV head its query heads use (replicated, as vLLM 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -171,55 +172,65 @@ class UnquantizedLinearMethod(LinearMethod):
 
 
 class OneDNNLinearMethod(LinearMethod):
-    """oneDNN's linear on CPU (engine/models/cpu_gemm.py has the measurements).
+    """oneDNN's linear on CPU (engine/models/cpu_gemm.py has the measurements): the weight in
+    oneDNN's blocked layout (`layer.packed`).
 
-    float32 (`pack=False`): the plain weight stays (`layer.weight`, contiguous [out, in]);
-    up to `SPLIT_GEMV_MAX_ROWS` rows with >= 2 torch threads run the split GEMV (the weight's
-    row slices in one batched GEMM, one slice per thread), more rows oneDNN on the plain weight.
-    bfloat16 (`pack=True`): the weight in oneDNN's blocked layout (`layer.packed`), and
-    `layer.weight` keeps only its shape (0 rows, no storage). Same values as the plain weight;
-    the rounding of the sums differs between the kernels (and so between row counts).
+    With `split_gemv` (float32 by default) the plain weight stays as well (`layer.weight`,
+    contiguous [out, in]; a tied LM head shares the embedding's), and up to
+    `SPLIT_GEMV_MAX_ROWS` rows with >= 2 torch threads run the split GEMV on it (its row slices
+    in one batched GEMM, one slice per thread): batch-1 decode reads the weights at the memory
+    bandwidth, at the cost of the second copy. Without it `layer.weight` keeps only its shape
+    (0 rows, no storage). Same values either way; the rounding of the sums differs between the
+    kernels (and so between row counts).
     """
 
     name = "onednn"
 
-    def __init__(self, pack: bool = True) -> None:
-        self.pack = pack
+    def __init__(self, split_gemv: bool = False) -> None:
+        self.split_gemv = split_gemv
 
     def process_weights_after_loading(self, layer: Linear) -> None:
-        if self.pack:
-            layer.packed = pack_weight(layer.weight.data)
+        layer.packed = pack_weight(layer.weight.data)
+        if not self.split_gemv:
             layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
         elif not layer.weight.data.is_contiguous():
             layer.weight.data = layer.weight.data.contiguous()
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if layer.packed is not None:
-            return onednn_linear(x, layer.packed, layer.bias)
-        if x.shape[0] <= SPLIT_GEMV_MAX_ROWS:
+        assert layer.packed is not None
+        if self.split_gemv and x.shape[0] <= SPLIT_GEMV_MAX_ROWS:
             slices = layer.gemv_slices
             parts = split_gemv_parts(layer.out_features, torch.get_num_threads())
             if slices is None or slices.shape[0] != parts:  # first call, or threads changed
                 slices = layer.gemv_slices = split_gemv_slices(layer.weight.data, parts)
             if parts > 1:
                 return split_gemv(x, slices, layer.bias)
-        return onednn_linear(x, layer.weight, layer.bias)
+        return onednn_linear(x, layer.packed, layer.bias)
 
     def dequantized_weight(self, layer: Linear) -> torch.Tensor:
-        if layer.packed is None:
+        assert layer.packed is not None
+        if self.split_gemv:
             return layer.weight.data
         eye = torch.eye(layer.in_features, dtype=layer.packed.dtype)
         return onednn_linear(eye, layer.packed, None).t().contiguous()  # exact: x = I
 
     def weight_tensors(self, layer: Linear) -> list[torch.Tensor]:
-        return [layer.packed if layer.packed is not None else layer.weight.data]
+        assert layer.packed is not None
+        return [layer.packed, layer.weight.data] if self.split_gemv else [layer.packed]
+
+
+def split_gemv_enabled(dtype: torch.dtype) -> bool:
+    """The split GEMV for float32 CPU linears, unless ENGINE_SPLIT_GEMV=0 (which saves the
+    plain copy of every weight: packed only, as before). bfloat16 never: torch's bfloat16
+    batched GEMM is slower than oneDNN's packed one (35 vs 15.8 ms for SmolLM-135M's weights)."""
+    return dtype == torch.float32 and os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0"
 
 
 def default_linear_method(dtype: torch.dtype, device: torch.device) -> LinearMethod:
-    """Unquantized weights: oneDNN on CPU float32 (plain weight) and bfloat16 (packed),
-    column-major on other CPU dtypes (float64, float16), plain elsewhere."""
+    """Unquantized weights: oneDNN-packed on CPU float32 (plus the split GEMV's plain copy) and
+    bfloat16, column-major on other CPU dtypes (float64, float16), plain elsewhere."""
     if can_pack_for_cpu(dtype, device):
-        return OneDNNLinearMethod(pack=dtype != torch.float32)
+        return OneDNNLinearMethod(split_gemv=split_gemv_enabled(dtype))
     return UnquantizedLinearMethod(cpu_gemm_layout=device.type == "cpu")
 
 
