@@ -9,17 +9,20 @@ Two kernels, picked per call by the number of rows T of the input:
   engine's offline throughput fell from 146 to 113 tok/s with plain weights, hence the packing.
   oneDNN keeps state for every row count it runs at and never frees it, so it runs only at
   bucketed row counts (`onednn_row_bucket`).
-- **The split GEMV** (`split_gemv`), for float32 at T <= `SPLIT_GEMV_MAX_ROWS` with >= 2 torch
-  threads, on a plain copy of the weight: [out, in] viewed as P = threads slices of out / P rows
+- **The split GEMV** (`split_gemv`), for float32 at T <= `SPLIT_GEMV_MAX_ROWS` (one row:
+  batch-1 decode, and the LM head of a step that samples one token) with >= 2 torch threads, on
+  a plain copy of the weight: [out, in] viewed as P = threads slices of out / P rows
   ([P, out / P, in], no copy) and multiplied by one batched GEMM, so each thread streams its own
   slice of the weight. At one row a linear is a matrix-vector product bound by how fast the
   weight is read; oneDNN's GEMV leaves a third of the bandwidth unused on the 2-core machines
   here, the batched one does not. Measured (SmolLM-135M's 30 layers and LM head, 538 MB, 2
-  threads, AMD EPYC): 17.5-18.4 ms vs oneDNN's 27.9-29.8 at 1 row (30 GB/s; a streaming `sum`
-  over the same tensors reads 29 GB/s), 18.3 vs 34.6 at 2 rows, 27.2 vs 34.5 at 4, 43.4 vs
-  40.0 at 8 (oneDNN wins from there). With one thread oneDNN is faster (43 vs 50 ms), so the
-  split needs two. bfloat16 keeps oneDNN at every T: torch's bfloat16 batched GEMM is slower
-  (35 vs 15.8 ms).
+  threads, AMD EPYC): 17.5-18.6 ms vs oneDNN's 26.3-29.8 at 1 row (30 GB/s; a streaming `sum`
+  over the same tensors reads 29 GB/s). From 2 rows it does not pay inside the engine: alone,
+  2 rows took 19-21 ms, but within engine steps the linears took 1.6-1.7x their one-row time
+  (batch-2 and batch-4 decode steps 41 and 57 ms against oneDNN's 41 and 37), and oneDNN packed
+  for 128 rows takes 22-23 ms at 3-4 rows. With one thread oneDNN is faster (43 vs 50 ms), so
+  the split needs two. bfloat16 keeps oneDNN at every T: torch's bfloat16 batched GEMM is
+  slower (35 vs 15.8 ms).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ __all__ = [
 
 _PACK_BATCH_HINT = 128  # the row count oneDNN picks its blocking for; any row count works
 
-# The split GEMV beats oneDNN up to this many rows (see the module docstring).
-SPLIT_GEMV_MAX_ROWS = 4
+# The split GEMV beats oneDNN up to this many rows in engine steps (see the module docstring).
+SPLIT_GEMV_MAX_ROWS = 1
 
 
 def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:
