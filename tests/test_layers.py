@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from engine.models.layers import (
-    SPLIT_GEMV_MAX_ROWS,
     GatedMLP,
     Linear,
     OffsetRMSNorm,
@@ -131,7 +130,7 @@ def test_unknown_activation_lists_the_supported_ones():
 
 @settings(max_examples=40, deadline=None)
 @given(
-    rows=st.integers(1, 4),  # the engine calls it at SPLIT_GEMV_MAX_ROWS; any T works
+    rows=st.integers(1, 4),  # the engine runs it at one row; any T works
     parts=st.sampled_from([1, 2, 3, 4, 6]),
     slice_rows=st.integers(1, 9),
     in_features=st.integers(1, 33),
