@@ -84,3 +84,23 @@ def checkpoints(tmp_path_factory, tokenizer) -> CheckpointFactory:
 @pytest.fixture(scope="session")
 def llama_path(checkpoints) -> Path:
     return checkpoints.variant("llama")
+
+
+@pytest.fixture
+def async_engine_factory(llama_path):
+    """`make(engine_kw, **kwargs)` -> AsyncEngine(LLMEngine(EngineArgs(llama_path, **engine_kw)),
+    **kwargs); every engine made is stopped at teardown, so a test that failed half-way does not
+    leave a thread stepping."""
+    from engine import EngineArgs, LLMEngine
+    from engine.async_engine import AsyncEngine, _Stop
+
+    engines: list[AsyncEngine] = []
+
+    def make(engine_kw: dict[str, Any], **kwargs: Any) -> AsyncEngine:
+        engine = AsyncEngine(LLMEngine(EngineArgs(model=str(llama_path), **engine_kw)), **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine._commands.put(_Stop())

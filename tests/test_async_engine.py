@@ -8,14 +8,12 @@ import threading
 
 import pytest
 
-from engine import LLM, EngineArgs, LLMEngine, SamplingParams
+from engine import LLM, SamplingParams
 from engine.async_engine import (
-    AsyncEngine,
     EngineDeadError,
     EngineShutdownError,
     EngineStepError,
     QueueFullError,
-    _Stop,
     merge_streams,
 )
 
@@ -31,17 +29,8 @@ def expected(llama_path):
 
 
 @pytest.fixture
-def make_engine(llama_path):
-    engines: list[AsyncEngine] = []
-
-    def make(**kwargs) -> AsyncEngine:
-        engine = AsyncEngine(LLMEngine(EngineArgs(model=str(llama_path), **ENGINE_KW)), **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:  # a test that failed half-way must not leave a thread stepping
-        engine._commands.put(_Stop())
+def make_engine(async_engine_factory):
+    return lambda **kwargs: async_engine_factory(ENGINE_KW, **kwargs)
 
 
 def run(coro):

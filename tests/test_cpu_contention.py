@@ -13,7 +13,6 @@ import time
 import pytest
 
 from engine import EngineArgs, LLMEngine, SamplingParams
-from engine.async_engine import AsyncEngine, _Stop
 from engine.cpu_contention import (
     AUTO,
     AdaptiveThreads,
@@ -281,17 +280,8 @@ def test_proc_reader_sees_this_processs_python_threads_but_not_the_engine_thread
 
 
 @pytest.fixture
-def engine_factory(llama_path):
-    engines: list[AsyncEngine] = []
-
-    def make(**kwargs) -> AsyncEngine:
-        engine = AsyncEngine(LLMEngine(EngineArgs(model=str(llama_path), **ENGINE_KW)), **kwargs)
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine._commands.put(_Stop())
+def engine_factory(async_engine_factory):
+    return lambda **kwargs: async_engine_factory(ENGINE_KW, **kwargs)
 
 
 def test_async_engine_applies_the_adaptive_choice_on_its_thread(engine_factory):
