@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from unittest import mock
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -133,6 +134,28 @@ def test_decode_only_batch_uses_the_gather_free_path():
     expected, _, _ = run_backend(_REFERENCE, batch, None)
     out, _, _ = run_backend(TorchNativeAttention(), batch, None)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "requests",
+    [[(1, 1)], [(17, 1)], [(64, 1)], [(17, 1), (9, 9)], [(30, 1), (12, 5), (3, 3)]],
+    ids=["one-key", "partial-block", "full-blocks", "with-a-prompt", "with-two-prompts"],
+)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_one_decode_request_takes_the_unmasked_sdpa_path(requests, dtype):
+    """A group of one decode request (batch-1 decode, or one decode beside prompt chunks) runs
+    `_attend_single_decode`: its L cached keys, no mask, one SDPA call; equal to the reference
+    (float64 to 1e-12), GQA folded (3 KV heads x 3 query heads), with garbage past seq_len."""
+    batch = make_batch(requests, 4, 3, 3, 8, seed=5, dtype=dtype)
+    plan = TorchNativeAttention().plan(batch.meta, 4, 3, None, dtype, num_kv_heads=3)
+    singles = [g for g in plan.groups if g.single_len is not None]
+    assert [g.single_len for g in singles] == [requests[0][0]]
+    windowed = TorchNativeAttention().plan(batch.meta, 4, 3, 5, dtype, num_kv_heads=3)
+    assert all(g.single_len is None for g in windowed.groups)  # windows keep the masked paths
+    expected, _, _ = run_backend(_REFERENCE, batch, None)
+    out, _, _ = run_backend(TorchNativeAttention(), batch, None)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
 
 
 def test_torch_backend_passes_the_kit(tmp_path):
