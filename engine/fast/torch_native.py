@@ -18,7 +18,7 @@ decodes and prompt chunks without a per-request Python loop:
    `embedding_bag` (mode "sum" with per-sample weights) adds up the probability-weighted value
    rows straight from the cache (`_attend_decode`). A group of one decode request (batch-1
    decode; no sliding window, no soft-cap) instead gathers its K and V and keeps exactly its L
-   cached keys, which its query all sees: one SDPA call with no mask (`_attend_single_decode`,
+   cached keys, which its query all sees: step 2's SDPA call with no mask (`_Group.single_len`;
    fewer op calls: the batch-1 step 1.3-3 ms faster).
 
 4. Soft-capping (Gemma 2): SDPA has no score hook, so a prompt group with `softcap` c runs the
@@ -76,9 +76,11 @@ class _Group:
     # weights, flattened [n * Hkv * G * S] (int32), and the [n * Hkv * G] bag offsets into it.
     value_rows: torch.Tensor | None = None
     bag_offsets: torch.Tensor | None = None
-    # A group of one decode request without a sliding window: its sequence length L (every
-    # one of its L keys is visible to its one query, so no mask is needed; see
-    # `_attend_single_decode`). None otherwise.
+    # A group of one decode request without a sliding window: its sequence length L. Its one
+    # query sees all L keys, so `_attend_group` keeps exactly those and needs no mask: fewer op
+    # calls than the embedding_bag path, which pays off for batches (SmolLM2-135M's batch-1
+    # decode step: 27.3-27.5 ms against 28.7-30.5 at 32-290 cached tokens, 39.3 against 41.1
+    # at 1000-1256; same process, alternating rounds, 2 threads). None otherwise.
     single_len: int | None = None
 
 
@@ -226,12 +228,13 @@ def _attend_group(
     # One copy of whole blocks (contiguous runs of bs * Hkv * D elements); the [n, Hkv, S, D]
     # operands are strided views of it, which the attention kernel reads in place.
     flat_ids = grp.block_ids.reshape(-1)
-    k = torch.index_select(k_cache, 0, flat_ids, out=k_buf)
-    v = torch.index_select(v_cache, 0, flat_ids, out=v_buf)
-    k = k.view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
-    v = v.view(n, seq, num_kv_heads, head_dim).transpose(1, 2)
+    k = torch.index_select(k_cache, 0, flat_ids, out=k_buf).view(n, seq, num_kv_heads, head_dim)
+    v = torch.index_select(v_cache, 0, flat_ids, out=v_buf).view(n, seq, num_kv_heads, head_dim)
+    mask: torch.Tensor | None = grp.attn_bias
+    if grp.single_len is not None:  # one decode query at L - 1 sees exactly its L keys: no mask
+        k, v, mask = k[:, : grp.single_len], v[:, : grp.single_len], None
     out = F.scaled_dot_product_attention(
-        q_grp, k, v, attn_mask=grp.attn_bias, scale=scale
+        q_grp, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )  # [n, Hkv, Q * G, D]
     return out.view(n, num_kv_heads, q_max, group, head_dim).transpose(1, 2)
 
@@ -317,35 +320,6 @@ def _attend_decode(
     return out.view(n, 1, num_kv_heads, group, head_dim)
 
 
-def _attend_single_decode(
-    q: torch.Tensor,  # [T, Hkv, G, D]: the step's queries (the group's one row is taken)
-    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
-    v_cache: torch.Tensor,
-    grp: _Group,
-    scale: float,
-    k_buf: torch.Tensor,  # [M, bs, Hkv, D] scratch for the gathered K
-    v_buf: torch.Tensor,
-) -> torch.Tensor:  # [1, 1, Hkv, G, D]
-    """One decode request (batch-1 decode): gather its K and V blocks, keep its L cached
-    slots, and one fused SDPA call with the G query heads of each KV head as G query rows. No
-    mask: the query sits at position L - 1 and sees all L keys. Fewer op calls than the
-    embedding_bag path, which pays off for larger batches: SmolLM2-135M's batch-1 decode step
-    took 27.3-27.5 ms against 28.7-30.5 at 32-290 cached tokens and 39.3 against 41.1 at
-    1000-1256 (same process, alternating rounds, 2 threads)."""
-    num_kv_heads, group, head_dim = q.shape[1:]
-    length = grp.single_len
-    assert length is not None
-    if grp.query_index is not None:  # the step has other groups too
-        q = q.index_select(0, grp.query_index)  # [1, Hkv, G, D]
-    ids = grp.block_ids.reshape(-1)
-    k = torch.index_select(k_cache, 0, ids, out=k_buf).view(1, -1, num_kv_heads, head_dim)
-    v = torch.index_select(v_cache, 0, ids, out=v_buf).view(1, -1, num_kv_heads, head_dim)
-    k = k[:, :length].transpose(1, 2)  # [1, Hkv, L, D], a strided view
-    v = v[:, :length].transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)  # [1, Hkv, G, D]
-    return out.view(1, 1, num_kv_heads, group, head_dim)
-
-
 class TorchNativeAttention:
     """Implements `engine.attention.AttentionBackend`, vectorised over the batch."""
 
@@ -385,10 +359,8 @@ class TorchNativeAttention:
     ) -> torch.Tensor:  # [n, Q, Hkv, G, D]
         shape = (grp.block_ids.numel(), *k_cache.shape[1:])
         k_buf = self._scratch_like("k", shape, k_cache)
-        if grp.single_len is not None and softcap is None:
-            v_buf = self._scratch_like("v", shape, v_cache)
-            return _attend_single_decode(q4, k_cache, v_cache, grp, scale, k_buf, v_buf)
-        if grp.value_rows is not None:
+        # A lone decode request takes `_attend_group`'s unmasked SDPA unless it is soft-capped.
+        if grp.value_rows is not None and (grp.single_len is None or softcap is not None):
             return _attend_decode(q4, k_cache, v_cache, grp, scale, k_buf, softcap)
         v_buf = self._scratch_like("v", shape, v_cache)
         if softcap is not None:
