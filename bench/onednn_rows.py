@@ -76,10 +76,10 @@ def measure_memory(mode: str, max_rows: int, size: int, model: str | None = None
 
 
 def engine_child(mode: str, max_rows: int, model: str) -> dict[str, float]:
-    import engine.models.cpu_gemm as layers
+    import engine.models.cpu_gemm as cpu_gemm
 
     if mode == "exact":
-        layers.onednn_row_bucket = lambda rows: rows  # the old behaviour
+        cpu_gemm.onednn_row_bucket = lambda rows: rows  # the old behaviour
     from engine import LLM, SamplingParams
 
     llm = LLM(
@@ -91,7 +91,7 @@ def engine_child(mode: str, max_rows: int, model: str) -> dict[str, float]:
         enable_prefix_caching=False,
     )
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    for rows in layers.onednn_row_buckets():  # warm up: every bucket once
+    for rows in cpu_gemm.onednn_row_buckets():  # warm up: every bucket once
         if rows <= max_rows:
             llm.generate([[5] * rows], params, use_tqdm=False)
     before = _rss_mb()

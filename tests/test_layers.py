@@ -9,6 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from engine.models.cpu_gemm import (
+    can_pack_for_cpu,
+    split_gemv,
+    split_gemv_parts,
+    split_gemv_slices,
+)
 from engine.models.layers import (
     GatedMLP,
     Linear,
@@ -16,10 +22,6 @@ from engine.models.layers import (
     OneDNNLinearMethod,
     UnquantizedLinearMethod,
     activation,
-    can_pack_for_cpu,
-    split_gemv,
-    split_gemv_parts,
-    split_gemv_slices,
 )
 from engine.models.rotary import RotaryEmbedding, apply_rope
 from engine.models.weight_mapper import WeightMapper

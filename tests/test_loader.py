@@ -67,7 +67,8 @@ def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
     """float32 on CPU: every linear layer is packed for oneDNN and keeps its plain weight for the
     split GEMV (a tied head shares the embedding's storage); ENGINE_SPLIT_GEMV=0 and bfloat16
     keep the packed copy only. Outputs equal the plain-GEMM model's up to float32 rounding."""
-    from engine.models.layers import OneDNNLinearMethod, can_pack_for_cpu
+    from engine.models.cpu_gemm import can_pack_for_cpu
+    from engine.models.layers import OneDNNLinearMethod
     from engine.models.llama import Linear
 
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)

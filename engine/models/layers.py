@@ -48,13 +48,10 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.distributed.communication import all_reduce
 from engine.distributed.parallel_state import TPGroup, current_tp
 from engine.kv_cache import LayerKVCache
-from engine.models.cpu_gemm import (  # noqa: F401 - re-exported (int8 methods, tests, benches)
+from engine.models.cpu_gemm import (
     SPLIT_GEMV_MAX_ROWS,
     can_pack_for_cpu,
-    in_row_buckets,
     onednn_linear,
-    onednn_row_bucket,
-    onednn_row_buckets,
     pack_weight,
     split_gemv,
     split_gemv_parts,

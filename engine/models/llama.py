@@ -36,7 +36,7 @@ from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import hf_head_dim
 from engine.distributed.parallel_state import current_tp
 from engine.kv_cache import LayerKVCache
-from engine.models.layers import (  # noqa: F401 - re-exported for benches and tests
+from engine.models.layers import (
     Attention,
     GatedMLP,
     Linear,
@@ -44,12 +44,9 @@ from engine.models.layers import (  # noqa: F401 - re-exported for benches and t
     RMSNorm,
     UnquantizedLinearMethod,
     VocabParallelEmbedding,
-    can_pack_for_cpu,
     default_linear_method,
     gather_logits,
     lm_head_linear,
-    onednn_linear,
-    pack_weight,
 )
 from engine.models.rotary import RotaryEmbedding
 from engine.models.weight_mapper import WeightMapper

@@ -8,7 +8,7 @@ Kernels (CPU, stock torch), chosen per call by the number of rows T:
                          A float32 model casts x to bfloat16 and the output back.
   T >= QLINEAR_MIN_ROWS  oneDNN's int8 `qlinear` with dynamic activations: x quantized per row
                          (token) to int8, int8 x int8 GEMM, float output scaled per row; rows
-                         bucketed as for the packed float32 linears (layers.in_row_buckets).
+                         bucketed as for the packed float32 linears (cpu_gemm.in_row_buckets).
                          ENGINE_INT8_QLINEAR=0 turns it off.
   Layers whose input has outlier channels (`Linear.quantizable_input` False: the MLP's down
   projection) never quantize activations: on CPUs with oneDNN bfloat16 they hold the int8 values
@@ -37,14 +37,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from engine.models.layers import (
-    Linear,
-    LinearMethod,
-    can_pack_for_cpu,
-    in_row_buckets,
-    onednn_linear,
-    pack_weight,
-)
+from engine.models.cpu_gemm import can_pack_for_cpu, in_row_buckets, onednn_linear, pack_weight
+from engine.models.layers import Linear, LinearMethod
 
 logger = logging.getLogger(__name__)
 
