@@ -106,13 +106,14 @@ def measure_read_bandwidth(
     return num_bytes / seconds
 
 
-def measure_bounds(quick: bool = False) -> HardwareBounds:
+def measure_bounds(quick: bool = False, read: bool = False) -> HardwareBounds:
+    """`read`: also the read bandwidth (the batch-1 decode bound; ~2 s more)."""
     if quick:
         return HardwareBounds(
             gemm_flops=measure_gemm_flops(512, 3),
             copy_bandwidth=measure_copy_bandwidth(16 * 2**20, 3),
             threads=torch.get_num_threads(),
-            read_bandwidth=measure_read_bandwidth(16 * 2**20, 3),
+            read_bandwidth=measure_read_bandwidth(16 * 2**20, 3) if read else 0.0,
         )
     # Many repeats over a few seconds: the best of them is what the machine can do when
     # undisturbed (one disturbed half-second here once read 95 GFLOP/s against 150 minutes later).
@@ -120,7 +121,7 @@ def measure_bounds(quick: bool = False) -> HardwareBounds:
         gemm_flops=measure_gemm_flops(repeats=10, min_seconds=3.0),
         copy_bandwidth=measure_copy_bandwidth(repeats=10, min_seconds=2.0),
         threads=torch.get_num_threads(),
-        read_bandwidth=measure_read_bandwidth(repeats=10, min_seconds=2.0),
+        read_bandwidth=measure_read_bandwidth(repeats=10, min_seconds=2.0) if read else 0.0,
     )
 
 
