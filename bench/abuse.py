@@ -399,13 +399,14 @@ async def sample_cpu_gauges(
 ) -> None:
     """Appends the server's `engine:cpu_threads` and `engine:cpu_contention_cores` (when it
     exposes them) from one /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     async with session.get(url + "/metrics") as response:
         text = await response.text()
-    for line in text.splitlines():
-        if line.startswith("engine:cpu_threads{"):
-            threads.append(float(line.rsplit(" ", 1)[1]))
-        elif line.startswith("engine:cpu_contention_cores{"):
-            contention.append(float(line.rsplit(" ", 1)[1]))
+    into = {"engine:cpu_threads": threads, "engine:cpu_contention_cores": contention}
+    for family in text_string_to_metric_families(text):
+        if family.name in into:
+            into[family.name].extend(sample.value for sample in family.samples)
 
 
 async def timed_phase(
