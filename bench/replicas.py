@@ -26,13 +26,14 @@ import asyncio
 import importlib.util
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
@@ -48,12 +49,6 @@ class Row:
     server: str  # "direct" or "ray"
     replicas: int
     level: object  # bench_serve.LevelResult
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, timeout: float, process: subprocess.Popen | None = None) -> None:
@@ -92,7 +87,7 @@ def _engine_flags(args: argparse.Namespace, engine_argv: list[str]) -> list[str]
 
 
 def run_direct(args: argparse.Namespace, engine_argv: list[str]) -> list:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.num_threads_per_replica)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     command = [sys.executable, "-m", "engine.server", "--port", str(port)]
@@ -193,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if own_cluster:
         env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.num_threads_per_replica)}
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
     try:

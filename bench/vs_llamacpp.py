@@ -39,7 +39,6 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import cache_dir, format_table
+from common import cache_dir, format_table, free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -172,12 +171,6 @@ def engine_offline_tps(engine_kwargs: dict, n: int, prompt_len: int) -> float:
     del engine
     gc.collect()
     return 1.0 / statistics.median(step_times)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:

@@ -270,11 +270,12 @@ def test_a_client_that_disconnects_mid_stream_aborts_on_the_replica(served):
     assert all(s.value == 0 for s in running)
 
 
-def test_replicas_bench_quick(served, model_path, capsys):
+def test_replicas_bench_quick(served, model_path, capsys, monkeypatch):
     """bench/replicas.py --quick: direct, 1 and 2 Ray replicas (under route prefixes of this
     module's Serve instance), every request answered, ratios against 1 replica printed."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))  # for its `from common import ...`
     spec = importlib.util.spec_from_file_location("bench_replicas", ROOT / "bench" / "replicas.py")
     bench = importlib.util.module_from_spec(spec)
     sys.modules["bench_replicas"] = bench  # its dataclasses look their module up there

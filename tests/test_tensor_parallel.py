@@ -418,7 +418,7 @@ def test_torchrun_launch_two_ranks_on_one_machine(checkpoints):
     """The multi-node entry point, with both ranks on this machine: rank 0 serves, rank 1 runs
     the worker loop; the answer equals TP=1's; SIGTERM to torchrun leaves no rank behind."""
     path = checkpoints.variant("llama")
-    from engine.distributed.parallel_state import free_port
+    from engine.server.thread import free_port
 
     port, master_port = free_port(), free_port()
     cmd = [

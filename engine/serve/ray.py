@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Mapping
@@ -45,6 +44,7 @@ from engine.serve.replica import EngineReplica
 from engine.serve.router import ROUTER_CLASS_PATH
 from engine.serve.routing import DEFAULT_IMBALANCE_THRESHOLD, DEFAULT_PREFIX_CHARS
 from engine.server import __main__ as server_cli
+from engine.server.thread import free_port
 
 __all__ = ["app_builder", "build_app", "build_parser", "main"]
 
@@ -189,12 +189,6 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(ns)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     import ray
 
@@ -204,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    port = ns.port or _free_port(ns.host)
+    port = ns.port or free_port(ns.host)
     # Workers import `engine` from where this process found it (a source checkout included).
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServerThread", "bind_socket"]
+__all__ = ["ServerThread", "bind_socket", "free_port"]
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -32,6 +32,12 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (the OS picks it; nothing holds it after this returns)."""
+    with bind_socket(host, 0) as sock:
+        return int(sock.getsockname()[1])
 
 
 class ServerThread:
