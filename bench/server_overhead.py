@@ -19,11 +19,12 @@ import http.client
 import itertools
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
+
+from common import free_port
 
 _WORDS = [
     "the",
@@ -94,9 +95,7 @@ class Offline:
 
 class Server:
     def __init__(self, model: str | None, omp_release: bool) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
+        self.port = free_port()
         cmd = [sys.executable, "-m", "engine.server", "--served-model-name", "m"]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port)]
         if model:

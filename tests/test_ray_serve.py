@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 import urllib.error
@@ -35,6 +34,7 @@ from engine.serve.ingress import REPLICA_HEADER  # noqa: E402
 from engine.serve.ray import REPLICA_NAME, app_builder, build_app, build_parser  # noqa: E402
 from engine.serve.routing import rendezvous_order, routing_key  # noqa: E402
 from engine.server import OpenAIServer, ServerConfig, ServerThread  # noqa: E402
+from engine.server.thread import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "engine-test"
@@ -42,12 +42,6 @@ MODEL = "tiny"
 # float64: served and direct answers must agree token for token (no near-tie flips).
 ENGINE_FLAGS = ["--dtype", "float64", "--max-model-len", "4096", "--kv-cache-memory-bytes", "32MiB"]
 SHARED = "The quick brown fox jumps over the lazy dog near the river bank. " * 6  # ~390 chars
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +72,7 @@ def served(model_path):
         runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}},
     )
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         argv = [
             "--model", str(model_path), "--served-model-name", MODEL, "--replicas", "2",
