@@ -143,9 +143,10 @@ def test_decode_only_batch_uses_the_gather_free_path():
 )
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 def test_one_decode_request_takes_the_unmasked_sdpa_path(requests, dtype):
-    """A group of one decode request (batch-1 decode, or one decode beside prompt chunks) runs
-    `_attend_single_decode`: its L cached keys, no mask, one SDPA call; equal to the reference
-    (float64 to 1e-12), GQA folded (3 KV heads x 3 query heads), with garbage past seq_len."""
+    """A group of one decode request (batch-1 decode, or one decode beside prompt chunks) gets
+    `single_len` = L and runs `_attend_group`'s SDPA over exactly its L cached keys without a
+    mask; equal to the reference (float64 to 1e-12), GQA folded (3 KV heads x 3 query heads),
+    with garbage past seq_len."""
     batch = make_batch(requests, 4, 3, 3, 8, seed=5, dtype=dtype)
     plan = TorchNativeAttention().plan(batch.meta, 4, 3, None, dtype, num_kv_heads=3)
     singles = [g for g in plan.groups if g.single_len is not None]
