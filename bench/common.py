@@ -18,7 +18,6 @@ vocabulary simply detokenize to nothing.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -135,13 +134,6 @@ def best_bounds(first: HardwareBounds, second: HardwareBounds) -> HardwareBounds
         threads=first.threads,
         read_bandwidth=max(first.read_bandwidth, second.read_bandwidth),
     )
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now, for a server a benchmark starts."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cache_dir() -> Path:

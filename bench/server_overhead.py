@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from common import free_port
+from engine.server.thread import free_port
 
 _WORDS = [
     "the",

@@ -48,7 +48,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import cache_dir, format_table, free_port
+from common import cache_dir, format_table
+
+from engine.server.thread import free_port
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import threading
 from typing import TYPE_CHECKING
@@ -34,8 +35,31 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports it hands to sockets bound without one (Linux default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(part) for part in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the OS picks it; nothing holds it after this returns)."""
+    """A TCP port free on `host` now; nothing holds it after this returns.
+
+    It is drawn from outside the kernel's ephemeral range, so that sockets opened meanwhile
+    without a port (a TCPStore's or gloo's connections, HTTP clients) cannot take it before the
+    caller binds it; only when no such port binds does the OS pick one from the range.
+    """
+    low, high = _ephemeral_port_range()
+    candidates = [*range(10000, min(low, 65536)), *range(max(high + 1, 10000), 65536)]
+    for port in random.sample(candidates, min(64, len(candidates))):
+        try:
+            with bind_socket(host, port):
+                return port
+        except OSError:
+            continue
     with bind_socket(host, 0) as sock:
         return int(sock.getsockname()[1])
 
