@@ -2,9 +2,12 @@
 
     python bench/step_ab.py --model DIR --variants float32:2,bfloat16:2     # fp32 vs bf16
     python bench/step_ab.py --model DIR --variants float32:1,float32:2     # 1 vs 2 threads
+    python bench/step_ab.py --model DIR --variants bfloat16:2,bfloat16:2:packed   # bag GEMV or not
     python bench/step_ab.py --quick                                         # tiny, seconds
 
-A variant is `dtype:threads`. One engine per dtype decodes one request (greedy, --prompt-len
+A variant is `dtype:threads`, or `dtype:threads:packed` for an engine loaded with
+ENGINE_SPLIT_GEMV=0 (oneDNN's packed weights at every row count: no split GEMV in float32, no bag
+GEMV in bfloat16). One engine per dtype (and packed flag) decodes one request (greedy, --prompt-len
 prompt); rounds visit the variants in turn, each timing --steps `LLMEngine.step()` calls under
 `torch.set_num_threads(threads)`, so a noisy shared machine's drift hits every variant alike. The
 table gives the median ms per step, tokens/s and the ratio to the first variant.
@@ -13,6 +16,7 @@ table gives the median ms per step, tokens/s and the ratio to the first variant.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -35,6 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def parse_variant(text: str) -> tuple[str, int, bool]:
+    """`dtype:threads[:packed]` -> (dtype, threads, packed)."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "packed"):
+        raise SystemExit(f"--variants: {text!r} is not dtype:threads or dtype:threads:packed")
+    return parts[0], int(parts[1]), len(parts) == 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))
@@ -43,13 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     from engine import EngineArgs, LLMEngine, SamplingParams
 
     path = Path(args.model) if args.model else build_checkpoint(TINY_SHAPE, "tiny-llama")
-    variants = [(d, int(t)) for d, t in (v.split(":") for v in args.variants.split(","))]
-    engines = {}
-    for dtype, _ in variants:
-        if dtype not in engines:
-            engines[dtype] = LLMEngine(
-                EngineArgs(model=str(path), dtype=dtype, max_model_len=512, max_num_seqs=4)
-            )
+    variants = [parse_variant(v) for v in args.variants.split(",")]
+    engines: dict[tuple[str, bool], LLMEngine] = {}
+    for dtype, _, packed in variants:
+        if (dtype, packed) not in engines:
+            saved = os.environ.get("ENGINE_SPLIT_GEMV")
+            os.environ["ENGINE_SPLIT_GEMV"] = "0" if packed else saved or "1"
+            try:
+                engines[(dtype, packed)] = LLMEngine(
+                    EngineArgs(model=str(path), dtype=dtype, max_model_len=512, max_num_seqs=4)
+                )
+            finally:
+                if saved is None:
+                    del os.environ["ENGINE_SPLIT_GEMV"]
+                else:
+                    os.environ["ENGINE_SPLIT_GEMV"] = saved
     prompt = [3 + (i * 7919) % 1000 for i in range(args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
     counter = [0]
@@ -60,28 +80,29 @@ def main(argv: list[str] | None = None) -> int:
             engine.add_request(f"r{counter[0]}", prompt, params)
             engine.step()
 
-    times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    times: dict[tuple[str, int, bool], list[float]] = {v: [] for v in variants}
     default_threads = torch.get_num_threads()
     for engine in engines.values():
         for _ in range(3):  # warm
             ensure_request(engine)
             engine.step()
     for _ in range(args.rounds):
-        for dtype, threads in variants:
+        for dtype, threads, packed in variants:
             torch.set_num_threads(threads)
-            engine = engines[dtype]
+            engine = engines[(dtype, packed)]
             for _ in range(args.steps):
                 ensure_request(engine)
                 start = time.perf_counter()
                 engine.step()
-                times[(dtype, threads)].append(time.perf_counter() - start)
+                times[(dtype, threads, packed)].append(time.perf_counter() - start)
     torch.set_num_threads(default_threads)
     base = statistics.median(times[variants[0]])
-    header = f"{'variant':20s} {'ms/step':>8s} {'tok/s':>7s} {'vs first':>8s}"
+    header = f"{'variant':24s} {'ms/step':>8s} {'tok/s':>7s} {'vs first':>8s}"
     print(f"{header}  (medians of {args.rounds} rounds x {args.steps} steps)")
     for v in variants:
         med = statistics.median(times[v])
-        print(f"{v[0] + ':' + str(v[1]):20s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:7.2f}x")
+        name = f"{v[0]}:{v[1]}" + (":packed" if v[2] else "")
+        print(f"{name:24s} {med * 1e3:8.2f} {1 / med:7.1f} {base / med:7.2f}x")
     return 0
 
 

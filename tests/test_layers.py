@@ -10,6 +10,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from engine.models.cpu_gemm import (
+    bag_gemv,
+    bag_gemv_parts,
+    bag_gemv_table,
     can_pack_for_cpu,
     split_gemv,
     split_gemv_parts,
@@ -43,21 +46,26 @@ def _filled_linear(out: int, inp: int, bias: bool = True, **kw) -> Linear:
         UnquantizedLinearMethod(cpu_gemm_layout=True),
         *(
             pytest.param(
-                OneDNNLinearMethod(split_gemv=split),
+                OneDNNLinearMethod(split_gemv=split, bag_gemv=bag),
                 marks=pytest.mark.skipif(
                     not can_pack_for_cpu(torch.float32, torch.device("cpu")), reason="no oneDNN"
                 ),
             )
-            for split in (False, True)
+            for split, bag in ((False, False), (True, False), (False, True))
         ),
     ],
-    ids=lambda m: f"{m.name}-split{m.split_gemv}" if isinstance(m, OneDNNLinearMethod) else m.name,
+    ids=lambda m: (
+        f"{m.name}-split{m.split_gemv}-bag{m.bag_gemv}"
+        if isinstance(m, OneDNNLinearMethod)
+        else m.name
+    ),
 )
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_methods_match_their_reference(method, dtype, threads):
     """Every row count on both sides of the split GEMV's limit, with 1 thread (no split) and
-    2 (40 output rows in 2 slices)."""
+    2 (40 output rows in 2 slices); the bag GEMV at one row (in its 8 bags of 5 rows' table,
+    built for whichever thread count loaded it) in both dtypes."""
     if isinstance(method, OneDNNLinearMethod) and not can_pack_for_cpu(dtype, torch.device("cpu")):
         pytest.skip(f"no oneDNN {dtype} kernels")
     layer = _filled_linear(40, 24)
@@ -156,3 +164,43 @@ def test_split_gemv_parts_divide_the_rows():
     assert split_gemv_parts(49152, 1) == 1
     assert split_gemv_parts(7, 4) == 1  # a prime row count: no split (oneDNN instead)
     assert split_gemv_parts(30, 4) == 3  # the largest divisor within the threads
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    parts=st.sampled_from([1, 2, 3, 8, 16]),
+    slice_rows=st.integers(1, 9),
+    in_features=st.integers(1, 40),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float64]),
+)
+def test_bag_gemv_equals_the_plain_product(parts, slice_rows, in_features, bias, dtype):
+    """One embedding_bag over the weight's table (P bags, one per row slice) gives x @ W.T
+    (+ b) at one row, as one contiguous [1, out]: exactly in float64, and in bfloat16 the
+    correctly rounded float32-accumulated product (what oneDNN's linear returns too)."""
+    torch.manual_seed(parts * 1000 + slice_rows * 100 + in_features)
+    out_features = parts * slice_rows
+    w = torch.randn(out_features, in_features).to(dtype)
+    b = torch.randn(out_features).to(dtype) if bias else None
+    x = torch.randn(1, in_features).to(dtype)
+    table = bag_gemv_table(w, parts)
+    assert table.shape == (parts * in_features, slice_rows) and table.is_contiguous()
+    out = bag_gemv(x, table, b)
+    assert out.shape == (1, out_features) and out.is_contiguous() and out.dtype == dtype
+    exact = x.double() @ w.double().T
+    if dtype == torch.bfloat16:  # float32 sums, rounded once; then the bias in bfloat16
+        expected = exact.to(dtype)
+        expected = expected + b if b is not None else expected
+        torch.testing.assert_close(out, expected, rtol=2**-7, atol=1e-6)
+    else:
+        expected = exact + b.double() if b is not None else exact
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol)
+
+
+def test_bag_gemv_parts_divide_the_rows_and_cover_the_threads():
+    assert bag_gemv_parts(576, 2) == 8 and bag_gemv_parts(3072, 1) == 8
+    assert bag_gemv_parts(576, 32) == 64  # two bags per thread on big machines
+    assert bag_gemv_parts(49152, 2) == 128  # an LM head: table rows of 384 elements
+    assert bag_gemv_parts(7, 2) == 7 and bag_gemv_parts(17, 2) == 1  # prime: one bag
+    assert bag_gemv_parts(30, 2) == 6  # the largest divisor within the limit

@@ -65,8 +65,9 @@ def test_block_count_from_memory_budget(llama_path):
 
 def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
     """float32 on CPU: every linear layer is packed for oneDNN and keeps its plain weight for the
-    split GEMV (a tied head shares the embedding's storage); ENGINE_SPLIT_GEMV=0 and bfloat16
-    keep the packed copy only. Outputs equal the plain-GEMM model's up to float32 rounding."""
+    split GEMV (a tied head shares the embedding's storage); bfloat16 keeps the packed copy and
+    the bag GEMV's table; ENGINE_SPLIT_GEMV=0 keeps the packed copy only. Outputs equal the
+    plain-GEMM model's up to float32 rounding."""
     from engine.models.cpu_gemm import can_pack_for_cpu
     from engine.models.layers import OneDNNLinearMethod
     from engine.models.llama import Linear
@@ -95,8 +96,14 @@ def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
             if isinstance(m, Linear)
         )
 
-    if can_pack_for_cpu(torch.bfloat16, torch.device("cpu")):
-        assert packed_only(LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20))
+    if can_pack_for_cpu(torch.bfloat16, torch.device("cpu")):  # + the bag GEMV's tables
+        bf16_llm = LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20)
+        assert packed_only(bf16_llm) and all(
+            m.method.bag_gemv and m.gemv_table is not None
+            for m in bf16_llm.llm_engine.model.modules()
+            if isinstance(m, Linear)
+        )
+        del bf16_llm
     monkeypatch.setenv("ENGINE_SPLIT_GEMV", "0")
     no_split = LLM(str(llama_path), dtype="float32", kv_cache_memory_bytes=2**20)
     assert packed_only(no_split)
@@ -118,3 +125,51 @@ def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
         lp_a = [next(iter(p.values())).logprob for p in a.outputs[0].logprobs]
         lp_b = [next(iter(p.values())).logprob for p in b.outputs[0].logprobs]
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=1e-4, atol=1e-4)
+
+
+def _assert_same_greedy_tokens(a, b, tol: float) -> None:
+    """Two greedy completions (logprobs=2) agree token for token, their logprobs within tol; a
+    first difference is allowed only at a near-tie (a's top two within tol), after which the
+    texts diverge and the comparison stops."""
+    for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
+        if ta != tb:
+            assert tb in a.logprobs[i], (i, ta, tb)
+            assert abs(a.logprobs[i][ta].logprob - a.logprobs[i][tb].logprob) < tol, (i, ta, tb)
+            return
+        assert abs(a.logprobs[i][ta].logprob - b.logprobs[i][tb].logprob) < tol, (i, ta)
+
+
+def test_bfloat16_batch1_decode_takes_the_bag_gemv(llama_path, monkeypatch):
+    """bfloat16 on CPU: a request decoding alone runs its linears on the bag GEMV (one row),
+    and gives oneDNN's tokens (ENGINE_SPLIT_GEMV=0: no tables, oneDNN at every row count)."""
+    from engine.models import layers
+    from engine.models.cpu_gemm import can_pack_for_cpu
+    from engine.models.llama import Linear
+
+    if not can_pack_for_cpu(torch.bfloat16, torch.device("cpu")):
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU")
+    calls: list[int] = []
+    real = layers.bag_gemv
+    monkeypatch.setattr(layers, "bag_gemv", lambda *args: calls.append(1) or real(*args))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    prompts = [[5, 6, 7, 8], [9] * 20, list(range(3, 40))]
+
+    def run(llm: LLM) -> list:  # one request at a time: every decode step has one row
+        return [llm.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
+
+    bag_llm = LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20)
+    num_linears = sum(isinstance(m, Linear) for m in bag_llm.llm_engine.model.modules())
+    with_bag = run(bag_llm)
+    # Every linear of every decode step (11 per request after the prompt's step).
+    assert len(calls) >= len(prompts) * 11 * num_linears
+    del bag_llm
+    monkeypatch.setenv("ENGINE_SPLIT_GEMV", "0")
+    calls.clear()
+    onednn_llm = LLM(str(llama_path), dtype="bfloat16", kv_cache_memory_bytes=2**20)
+    assert all(
+        m.gemv_table is None for m in onednn_llm.llm_engine.model.modules() if isinstance(m, Linear)
+    )
+    without = run(onednn_llm)
+    assert not calls
+    for a, b in zip(with_bag, without, strict=True):
+        _assert_same_greedy_tokens(a, b, tol=0.1)

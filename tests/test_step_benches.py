@@ -34,7 +34,7 @@ def test_step_profile_counts_ops_per_module():
 
 
 def test_step_ab_prints_each_variant_with_its_ratio():
-    text = _run("step_ab.py", "--variants", "float32:1,float32:2")
+    text = _run("step_ab.py", "--variants", "float32:1,float32:2,float32:2:packed")
     lines = [line for line in text.splitlines() if line.startswith("float32:")]
-    assert [line.split()[0] for line in lines] == ["float32:1", "float32:2"]
+    assert [line.split()[0] for line in lines] == ["float32:1", "float32:2", "float32:2:packed"]
     assert lines[0].split()[-1] == "1.00x"

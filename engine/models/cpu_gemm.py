@@ -21,8 +21,23 @@ Two kernels, picked per call by the number of rows T of the input:
   2 rows took 19-21 ms, but within engine steps the linears took 1.6-1.7x their one-row time
   (batch-2 and batch-4 decode steps 41 and 57 ms against oneDNN's 41 and 37), and oneDNN packed
   for 128 rows takes 22-23 ms at 3-4 rows. With one thread oneDNN is faster (43 vs 50 ms), so
-  the split needs two. bfloat16 keeps oneDNN at every T: torch's bfloat16 batched GEMM is
-  slower (35 vs 15.8 ms).
+  the split needs two. Not for bfloat16: torch's bfloat16 batched GEMM is slower (35 vs 15.8
+  ms).
+- **The bag GEMV** (`bag_gemv`), for bfloat16 at one row, on a copy of the weight laid out for
+  `F.embedding_bag`: the weight's P row slices, each transposed ([in, out / P]), stacked as a
+  [P * in, out / P] table (`bag_gemv_table`). One embedding_bag in mode "sum" with P bags (bag p:
+  table rows p * in ... p * in + in - 1, each weighted by the matching input element) adds up
+  x[i] * W[p-th slice].T[i, :] over i: bag p is slice p of x @ W.T. The bag kernel reads the
+  table rows in order (contiguous runs of out / P elements), converts them to float32 and
+  accumulates in float32, rounding once to bfloat16 at the end, as oneDNN's linear does
+  (measured: the two agree on 99.99-100% of outputs, each the correctly rounded product; 1 ulp
+  apart on the rest), and the bags run in parallel over the threads. Measured (SmolLM2-135M's
+  30 layers, 269 MB in bfloat16, 2 threads, AMD EPYC with AVX512-BF16): the four body GEMMs
+  9.1-9.2 ms against oneDNN's 11.1 (P = 8; P = 2 and 4: 10.7-11.4), the LM head 2.1 ms against
+  2.5 (P = 128, `bag_gemv_parts`), and whole decode steps 20.4 ms against 25.2 with oneDNN
+  (bench/step_ab.py, interleaved), tokens identical. At more rows it would read
+  the table once per row; oneDNN stays from two rows up. float32 keeps the split GEMV (its
+  bag GEMV took 19-22 ms against the split's 14-16.5).
 """
 
 from __future__ import annotations
@@ -32,9 +47,13 @@ import os
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "SPLIT_GEMV_MAX_ROWS",
+    "bag_gemv",
+    "bag_gemv_parts",
+    "bag_gemv_table",
     "can_pack_for_cpu",
     "in_row_buckets",
     "onednn_linear",
@@ -116,6 +135,55 @@ def split_gemv(
 def split_gemv_slices(weight: torch.Tensor, parts: int) -> torch.Tensor:
     """weight [out, in] (contiguous) as [parts, out / parts, in], a view."""
     return weight.view(parts, weight.shape[0] // parts, weight.shape[1])
+
+
+# The bag GEMV's table rows are best about this long (out / P elements): measured on 2 threads,
+# bfloat16, weights beyond the cache, the 49152 x 576 LM head took 2.1 ms at P = 128 (rows of
+# 384) against 3.0-3.1 at P = 8-64, while 3072 x 576 and 576 x 1536 were fastest at P = 8-16
+# (147-154 and 84-85 us; 1.2-2.6x slower at P = 64).
+_BAG_ROW_ELEMENTS = 384
+
+
+@functools.lru_cache(maxsize=256)
+def bag_gemv_parts(out_features: int, threads: int) -> int:
+    """The bag GEMV's bag count: the largest divisor of out_features that is at most
+    max(8, 2 * threads, out_features / 384): enough bags for every thread, and table rows of
+    about 384 elements for wide outputs such as an LM head."""
+    limit = max(8, 2 * threads, out_features // _BAG_ROW_ELEMENTS)
+    return max(p for p in range(1, limit + 1) if out_features % p == 0)
+
+
+def bag_gemv_table(weight: torch.Tensor, parts: int) -> torch.Tensor:  # [P * in, out / P]
+    """weight [out, in] as the bag GEMV's table: slice p's rows transposed, slices stacked."""
+    out_features, in_features = weight.shape
+    slices = weight.reshape(parts, out_features // parts, in_features)
+    return slices.transpose(1, 2).contiguous().view(parts * in_features, out_features // parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _bag_indices(parts: int, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every table row in order, and the first row of each of the P bags."""
+    with torch.inference_mode(False):  # plain tensors, usable in and outside inference mode
+        indices = torch.arange(parts * in_features)
+        return indices, indices[::in_features].clone()
+
+
+def bag_gemv(
+    x: torch.Tensor,  # [1, in]
+    table: torch.Tensor,  # [P * in, out / P]: bag_gemv_table(weight, P)
+    bias: torch.Tensor | None,
+) -> torch.Tensor:  # [1, out]
+    """x @ weight.T (+ bias) at one row as one embedding_bag over the weight's table."""
+    in_features = x.shape[1]
+    parts = table.shape[0] // in_features
+    indices, offsets = _bag_indices(parts, in_features)
+    # [P * in]: x once per bag (expand + copy: `repeat` costs 3x as many op calls)
+    weights = x.to(table.dtype).expand(parts, in_features).reshape(-1)
+    out = F.embedding_bag(indices, table, offsets, mode="sum", per_sample_weights=weights)
+    out = out.view(1, -1)  # bag p is output slice p: [P, out / P] is [1, out] in order
+    if bias is not None:
+        out += bias
+    return out
 
 
 def in_row_buckets(

@@ -50,6 +50,9 @@ from engine.distributed.parallel_state import TPGroup, current_tp
 from engine.kv_cache import LayerKVCache
 from engine.models.cpu_gemm import (
     SPLIT_GEMV_MAX_ROWS,
+    bag_gemv,
+    bag_gemv_parts,
+    bag_gemv_table,
     can_pack_for_cpu,
     onednn_linear,
     pack_weight,
@@ -170,24 +173,36 @@ class UnquantizedLinearMethod(LinearMethod):
 
 class OneDNNLinearMethod(LinearMethod):
     """oneDNN's linear on CPU (engine/models/cpu_gemm.py has the measurements): the weight in
-    oneDNN's blocked layout (`layer.packed`).
+    oneDNN's blocked layout (`layer.packed`), plus at most one copy for one-row inputs:
 
-    With `split_gemv` (float32 by default) the plain weight stays as well (`layer.weight`,
-    contiguous [out, in]; a tied LM head shares the embedding's), and up to
-    `SPLIT_GEMV_MAX_ROWS` rows with >= 2 torch threads run the split GEMV on it (its row slices
-    in one batched GEMM, one slice per thread): batch-1 decode reads the weights at the memory
-    bandwidth, at the cost of the second copy. Without it `layer.weight` keeps only its shape
-    (0 rows, no storage). Same values either way; the rounding of the sums differs between the
-    kernels (and so between row counts).
+    - `split_gemv` (float32 by default): the plain weight stays (`layer.weight`, contiguous
+      [out, in]; a tied LM head shares the embedding's), and up to `SPLIT_GEMV_MAX_ROWS` rows
+      with >= 2 torch threads run the split GEMV on it (its row slices in one batched GEMM, one
+      slice per thread).
+    - `bag_gemv` (bfloat16 by default): the weight as the bag GEMV's table
+      (`layer.gemv_table`, [P * in, out / P]), which one-row inputs run on (one embedding_bag,
+      the bags spread over the threads).
+
+    Either way batch-1 decode reads the weights at the memory bandwidth, at the cost of the
+    second copy. Without the plain copy `layer.weight` keeps only its shape (0 rows, no
+    storage). Same values with every kernel; the rounding of the float32 sums differs between
+    the split GEMV and oneDNN (and so between row counts), while the bag GEMV and oneDNN both
+    round bfloat16 outputs from float32 sums (equal but for rare 1-ulp differences).
     """
 
     name = "onednn"
 
-    def __init__(self, split_gemv: bool = False) -> None:
+    def __init__(self, split_gemv: bool = False, bag_gemv: bool = False) -> None:
+        if split_gemv and bag_gemv:
+            raise ValueError("split_gemv and bag_gemv are alternatives: pick one")
         self.split_gemv = split_gemv
+        self.bag_gemv = bag_gemv
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         layer.packed = pack_weight(layer.weight.data)
+        if self.bag_gemv:
+            parts = bag_gemv_parts(layer.out_features, torch.get_num_threads())
+            layer.gemv_table = bag_gemv_table(layer.weight.data, parts)
         if not self.split_gemv:
             layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
         elif not layer.weight.data.is_contiguous():
@@ -195,7 +210,10 @@ class OneDNNLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         assert layer.packed is not None
-        if self.split_gemv and x.shape[0] <= SPLIT_GEMV_MAX_ROWS:
+        rows = x.shape[0]
+        if self.bag_gemv and rows == 1 and layer.gemv_table is not None:
+            return bag_gemv(x, layer.gemv_table, layer.bias)
+        if self.split_gemv and rows <= SPLIT_GEMV_MAX_ROWS:
             slices = layer.gemv_slices
             parts = split_gemv_parts(layer.out_features, torch.get_num_threads())
             if slices is None or slices.shape[0] != parts:  # first call, or threads changed
@@ -213,21 +231,35 @@ class OneDNNLinearMethod(LinearMethod):
 
     def weight_tensors(self, layer: Linear) -> list[torch.Tensor]:
         assert layer.packed is not None
-        return [layer.packed, layer.weight.data] if self.split_gemv else [layer.packed]
+        if self.split_gemv:
+            return [layer.packed, layer.weight.data]
+        if self.bag_gemv and layer.gemv_table is not None:
+            return [layer.packed, layer.gemv_table]
+        return [layer.packed]
 
 
 def split_gemv_enabled(dtype: torch.dtype) -> bool:
     """The split GEMV for float32 CPU linears, unless ENGINE_SPLIT_GEMV=0 (which saves the
-    plain copy of every weight: packed only, as before). bfloat16 never: torch's bfloat16
-    batched GEMM is slower than oneDNN's packed one (35 vs 15.8 ms for SmolLM-135M's weights)."""
+    plain copy of every weight: packed only, as before). bfloat16 takes the bag GEMV instead:
+    torch's bfloat16 batched GEMM is slower than oneDNN's packed one (35 vs 15.8 ms for
+    SmolLM-135M's weights)."""
     return dtype == torch.float32 and os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0"
+
+
+def bag_gemv_enabled(dtype: torch.dtype) -> bool:
+    """The bag GEMV for bfloat16 CPU linears, unless ENGINE_SPLIT_GEMV=0 (packed only: the one
+    switch for both one-row copies)."""
+    return dtype == torch.bfloat16 and os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0"
 
 
 def default_linear_method(dtype: torch.dtype, device: torch.device) -> LinearMethod:
     """Unquantized weights: oneDNN-packed on CPU float32 (plus the split GEMV's plain copy) and
-    bfloat16, column-major on other CPU dtypes (float64, float16), plain elsewhere."""
+    bfloat16 (plus the bag GEMV's table), column-major on other CPU dtypes (float64, float16),
+    plain elsewhere."""
     if can_pack_for_cpu(dtype, device):
-        return OneDNNLinearMethod(split_gemv=split_gemv_enabled(dtype))
+        return OneDNNLinearMethod(
+            split_gemv=split_gemv_enabled(dtype), bag_gemv=bag_gemv_enabled(dtype)
+        )
     return UnquantizedLinearMethod(cpu_gemm_layout=device.type == "cpu")
 
 
@@ -279,6 +311,8 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None  # oneDNN-blocked weight (OneDNNLinearMethod)
         # The plain weight as [P, out / P, in] for the split GEMV (OneDNNLinearMethod, float32)
         self.gemv_slices: torch.Tensor | None = None
+        # The bag GEMV's table [P * in, out / P] (OneDNNLinearMethod, bfloat16)
+        self.gemv_table: torch.Tensor | None = None
         self.method: LinearMethod = UnquantizedLinearMethod()
         # Whether methods may quantize this layer's input (int8 activations): False for inputs
         # with outlier channels, such as a gated MLP's down projection.
