@@ -37,7 +37,10 @@ Two kernels, picked per call by the number of rows T of the input:
   2.5 (P = 128, `bag_gemv_parts`), and whole decode steps 20.4 ms against 25.2 with oneDNN
   (bench/step_ab.py, interleaved), tokens identical. At more rows it would read
   the table once per row; oneDNN stays from two rows up. float32 keeps the split GEMV (its
-  bag GEMV took 19-22 ms against the split's 14-16.5).
+  bag GEMV took 19-22 ms against the split's 14-16.5). Int8 weights (engine/quantization/int8.py)
+  take the same layout through FBGEMM's 8-bit rowwise bag kernel (`int8_bag_gemv`): SmolLM2's
+  30 layers' int8 GEMMs at one row in 5.8-6.1 ms against `_weight_int8pack_mm`'s 9.0-9.6, the LM
+  head in 1.0 ms (P = 128) against 2.1, with float32 activations instead of bfloat16 ones.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ __all__ = [
     "bag_gemv_table",
     "can_pack_for_cpu",
     "in_row_buckets",
+    "int8_bag_available",
+    "int8_bag_gemv",
+    "int8_bag_table",
     "onednn_linear",
     "onednn_row_bucket",
     "onednn_row_buckets",
@@ -184,6 +190,43 @@ def bag_gemv(
     if bias is not None:
         out += bias
     return out
+
+
+def int8_bag_available() -> bool:
+    """Whether this torch has FBGEMM's 8-bit rowwise embedding bag (x86 CPU builds do)."""
+    return hasattr(torch.ops.quantized, "embedding_bag_byte_rowwise_offsets")
+
+
+def int8_bag_table(q: torch.Tensor, parts: int) -> torch.Tensor:  # [P * in, out / P + 8] uint8
+    """int8 codes q [out, in] as the int8 bag GEMV's table: `bag_gemv_table`'s layout in
+    FBGEMM's fused 8-bit rowwise format, each row's codes + 128 as uint8 followed by its float32
+    scale 1 and bias -128, so the kernel reads back exactly 1 * (q + 128) - 128 = q."""
+    codes = bag_gemv_table(q, parts)  # [P * in, out / P] int8
+    rows, width = codes.shape
+    table = torch.empty(rows, width + 8, dtype=torch.uint8)
+    table[:, :width] = (codes.to(torch.int16) + 128).to(torch.uint8)
+    scale_bias = torch.tensor([1.0, -128.0], dtype=torch.float32).expand(rows, 2).contiguous()
+    table[:, width:] = scale_bias.view(torch.uint8)  # [rows, 8]: the two floats' bytes
+    return table
+
+
+def int8_bag_gemv(
+    x: torch.Tensor,  # [1, in] float32 or bfloat16
+    table: torch.Tensor,  # int8_bag_table(q, P)
+    scale: torch.Tensor,  # [out] float32: the output channels' scales
+) -> torch.Tensor:  # [1, out] float32: x @ (q * scale[:, None]).T
+    """The int8 weights' product at one row, as `bag_gemv` with FBGEMM's 8-bit bag kernel:
+    float32 activations (exact from bfloat16) and float32 sums of x[i] * q[o, i], then the
+    channel scales. (Each code is read as (q + 128) - 128, an exact integer; the kernel may add
+    the two parts separately, which rounds at most 2^-24 * 256 * |x[i]| per term.)"""
+    in_features = x.shape[1]
+    parts = table.shape[0] // in_features
+    indices, offsets = _bag_indices(parts, in_features)
+    weights = x.to(torch.float32).expand(parts, in_features).reshape(-1)  # [P * in]
+    out = torch.ops.quantized.embedding_bag_byte_rowwise_offsets(
+        table, indices, offsets, False, 0, False, weights, None, False
+    )  # [P, out / P] float32
+    return out.view(1, -1).mul_(scale)
 
 
 def in_row_buckets(

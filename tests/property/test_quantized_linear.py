@@ -7,6 +7,12 @@ Tolerances, per output element y[t, n] (|x| @ |W|.T is the sum of the absolute p
   together with the float32 accumulation), bounded by 2^-7 * (|x| @ Wabs.T) where
   Wabs >= |W| elementwise (for int4, Wabs = |q - 8| * scale + |zero|, as the kernel rounds
   scale and zero separately).
+- the int8 bag GEMV (one row, where FBGEMM's 8-bit bag kernel exists), against a float64
+  reference: float32 activations and k float32 additions of x_k * q_nk (2^-24 * k * (|x| @
+  |W|.T) at worst), each code read as (q + 128) - 128 (2^-24 * 256 * sum_k |x_k| * s_n if the
+  kernel adds the two parts apart), the channel scale s_n and the output (2^-22 * |y|);
+  bfloat16 outputs add their rounding (2^-8 * |x W.T|, then 2^-8 * |y| for the bias added in
+  bfloat16).
 - oneDNN qlinear (int8, rows >= QLINEAR_MIN_ROWS, or every row count where a load-time
   measurement found it faster at one row): each row's activations are quantized to
   int8 with step s_t = max_k |x_tk| / 127: |dx| <= s_t / 2, so |dy| <= s_t / 2 * sum_k |W_nk|,
@@ -17,10 +23,12 @@ int4 codes within half a group step.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.models.cpu_gemm import int8_bag_available
 from engine.models.layers import Linear
 from engine.quantization.int4 import Int4LinearMethod, dequantize_int4, quantize_int4
 from engine.quantization.int8 import Int8LinearMethod, quantize_activations, quantize_int8
@@ -75,6 +83,59 @@ def test_int8_linear_matches_dequantized_reference(
         bound = bound + step / 2 * wd.abs().sum(1)
     err = (out.to(torch.float32) - ref).abs()
     assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+
+
+needs_int8_bag = pytest.mark.skipif(
+    not int8_bag_available(), reason="no FBGEMM 8-bit embedding bag in this torch"
+)
+
+
+@needs_int8_bag
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    k=st.sampled_from([32, 64, 96, 576]),
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    quantizable_input=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_int8_one_row_runs_the_bag_gemv_at_float32_accuracy(
+    n, k, bias, dtype, quantizable_input, seed
+):
+    """At one row every int8 layer (with or without int8 activations elsewhere) takes the bag
+    GEMV: float32 accuracy, thousands of times inside the bfloat16 kernels' bound."""
+    layer = _layer(n, k, bias, seed)
+    layer.quantizable_input = quantizable_input
+    layer.process_weights_after_loading(Int8LinearMethod())
+    assert layer.int8_bag_table is not None
+    wd = layer.dequantized_weight()
+    x = _input(1, k, dtype, seed)
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (1, n)
+    x64, wd64 = x.to(torch.float64), wd.to(torch.float64)
+    product = x64 @ wd64.T  # exact reference (float64)
+    ref = product + (layer.bias.double() if bias else 0)
+    # k float32 additions of the products (|x| @ |W|.T), the code split, the scale and output.
+    sums = x64.abs() @ wd64.abs().T
+    split = 256 * x64.abs().sum() * layer.wscale.double()
+    bound = 2**-24 * (k * sums + split) + 2**-22 * ref.abs() + 1e-9
+    if dtype == torch.bfloat16:  # the product rounded to bfloat16, then the bias added in it
+        bound = bound + 2**-8 * (product.abs() + ref.abs())
+    err = (out.to(torch.float64) - ref).abs()
+    assert (err <= bound).all(), f"max excess {(err - bound).max().item()}"
+
+
+@needs_int8_bag
+def test_int8_bag_gemv_is_off_without_one_row_copies(monkeypatch):
+    """ENGINE_SPLIT_GEMV=0 (no one-row copies of any weight): one row runs int8pack again."""
+    monkeypatch.setenv("ENGINE_SPLIT_GEMV", "0")
+    layer = _layer(16, 64, False, 0)
+    layer.process_weights_after_loading(Int8LinearMethod())
+    assert layer.int8_bag_table is None
+    x = _input(1, 64, torch.float32, 0)
+    ref = torch._weight_int8pack_mm(x.to(torch.bfloat16), layer.qweight, layer.wscale_bf16)
+    torch.testing.assert_close(layer(x), ref.to(torch.float32), rtol=0, atol=0)
 
 
 @settings(max_examples=40, deadline=None)
