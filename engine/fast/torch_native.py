@@ -334,6 +334,9 @@ class TorchNativeAttention:
         # Gather scratch reused by every group, layer and step (grown to the largest need): a
         # fresh tensor of this size per call costs page faults, 4x the gather itself at 200 MB.
         self._scratch: dict[str, torch.Tensor] = {}
+        # A lone decode request's gather buffers and their attention views, made by the first
+        # layer of a step and reused by the others (`_attend_lone`).
+        self._lone: tuple | None = None
 
     def _scratch_like(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
@@ -366,6 +369,42 @@ class TorchNativeAttention:
         if softcap is not None:
             return _attend_group_softcap(q4, k_cache, v_cache, grp, scale, softcap, k_buf, v_buf)
         return _attend_group(q4, k_cache, v_cache, grp, scale, k_buf, v_buf)
+
+    def _attend_lone(
+        self,
+        q: torch.Tensor,  # [1, Hq, D]
+        k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+        v_cache: torch.Tensor,
+        grp: _Group,
+        scale: float,
+    ) -> torch.Tensor:  # [1, Hq, D]
+        """The whole batch is one decode request (`grp.single_len` L): `_attend_group`'s gather
+        and unmasked SDPA over exactly its L keys, in 4 op calls per layer. Every layer of a step
+        gathers into the same scratch buffers, so their [1, Hkv, L, D] views are made once per
+        step (by the first layer) instead of per layer: ~30 us per layer less (SmolLM2-135M,
+        160 cached tokens, caches beyond the CPU cache: 64 against 96 us per layer)."""
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        lone = self._lone
+        if lone is None or lone[0] is not grp or lone[1] != (k_cache.dtype, k_cache.shape[1:]):
+            shape = (grp.block_ids.shape[1], *k_cache.shape[1:])
+            k_buf = self._scratch_like("k", shape, k_cache)
+            v_buf = self._scratch_like("v", shape, v_cache)
+            length = grp.single_len
+
+            def keys(buf: torch.Tensor) -> torch.Tensor:  # [1, Hkv, L, D] view of the gather
+                return buf.view(1, -1, num_kv_heads, head_dim)[:, :length].transpose(1, 2)
+
+            flat = grp.block_ids.reshape(-1)
+            kind = (k_cache.dtype, k_cache.shape[1:])
+            lone = self._lone = (grp, kind, flat, k_buf, v_buf, keys(k_buf), keys(v_buf))
+        _, _, flat, k_buf, v_buf, k, v = lone
+        torch.index_select(k_cache, 0, flat, out=k_buf)
+        torch.index_select(v_cache, 0, flat, out=v_buf)
+        group = q.shape[1] // num_kv_heads
+        out = F.scaled_dot_product_attention(
+            q.view(1, num_kv_heads, group, head_dim), k, v, scale=scale
+        )  # [1, Hkv, G, D]: query head h = kv head h // G, row h % G
+        return out.view(q.shape)
 
     def write_kv(
         self,
@@ -415,10 +454,13 @@ class TorchNativeAttention:
         block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
         group = num_q_heads // num_kv_heads
         plan = self.plan(meta, block_size, group, sliding_window, q.dtype, num_kv_heads)
-        q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
         if len(plan.groups) == 1 and plan.groups[0].query_index is None:
+            if plan.groups[0].single_len is not None and softcap is None:
+                return self._attend_lone(q, k_cache, v_cache, plan.groups[0], scale)
+            q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
             out = self._attend(q4, k_cache, v_cache, plan.groups[0], scale, softcap)
             return out.reshape(num_tokens, num_q_heads, head_dim)
+        q4 = q.view(num_tokens, num_kv_heads, group, head_dim)
         out = q.new_empty(num_tokens, num_kv_heads, group, head_dim)
         for grp in plan.groups:
             res = self._attend(q4, k_cache, v_cache, grp, scale, softcap)

@@ -15,6 +15,7 @@ several such layers on one backend instance and one metadata object.
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -157,6 +158,33 @@ def test_one_decode_request_takes_the_unmasked_sdpa_path(requests, dtype):
     out, _, _ = run_backend(TorchNativeAttention(), batch, None)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+
+
+def test_lone_decode_reuses_its_views_across_layers_and_rebuilds_them_per_step():
+    """A batch of one decode request gathers into scratch whose attention views the first layer
+    of a step makes: every later layer (other caches, other queries) still reads its own keys,
+    and a new step (new metadata, another length), another dtype or block size rebuilds them."""
+    backend = TorchNativeAttention()
+    steps = [([(17, 1)], 4, torch.float64), ([(40, 1)], 4, torch.float64),
+             ([(5, 1)], 4, torch.float32), ([(23, 1)], 8, torch.float32)]  # fmt: skip
+    for step, (requests, block_size, dtype) in enumerate(steps):
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        batch = make_batch(requests, block_size, 3, 3, 8, seed=step, dtype=dtype)
+        gen = torch.Generator().manual_seed(step)
+        for layer in range(3):  # one metadata object (one step), three layers
+            if layer:  # another layer: its own cache contents, query and new K/V
+                batch = dataclasses.replace(
+                    batch,
+                    **{
+                        name: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(dtype)
+                        for name, t in vars(batch).items()
+                        if name in ("q", "k", "v", "k_cache", "v_cache")
+                    },
+                )
+            expected, _, _ = run_backend(_REFERENCE, batch, None)
+            out, _, _ = run_backend(backend, batch, None)
+            torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+        assert backend._lone is not None and backend._lone[0].single_len == requests[0][0]
 
 
 def test_torch_backend_passes_the_kit(tmp_path):
