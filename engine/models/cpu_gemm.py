@@ -32,9 +32,9 @@ Two kernels, picked per call by the number of rows T of the input:
   accumulates in float32, rounding once to bfloat16 at the end, as oneDNN's linear does
   (measured: the two agree on 99.99-100% of outputs, each the correctly rounded product; 1 ulp
   apart on the rest), and the bags run in parallel over the threads. Measured (SmolLM2-135M's
-  30 layers, 269 MB in bfloat16, 2 threads, AMD EPYC with AVX512-BF16): the four body GEMMs
+  30 layers, 212 MB in bfloat16, 2 threads, AMD EPYC with AVX512-BF16): the four body GEMMs
   9.1-9.2 ms against oneDNN's 11.1 (P = 8; P = 2 and 4: 10.7-11.4), the LM head 2.1 ms against
-  2.5 (P = 128, `bag_gemv_parts`), and whole decode steps 20.4 ms against 25.2 with oneDNN
+  2.5 (P = 128, `bag_gemv_parts`), and whole decode steps 19.1 ms against 24.8 with oneDNN
   (bench/step_ab.py, interleaved), tokens identical. At more rows it would read
   the table once per row; oneDNN stays from two rows up. float32 keeps the split GEMV (its
   bag GEMV took 19-22 ms against the split's 14-16.5). Int8 weights (engine/quantization/int8.py)

@@ -86,9 +86,9 @@ def _qlinear_available() -> bool:
 class Int8LinearMethod(LinearMethod):
     """Layer state after processing: `qweight` [N, K] int8, `wscale` [N] float32, on CPU also
     `qlinear_weight` (the same codes in oneDNN's layout), `int8_bag_table` (the one-row
-    kernel's copy) and `wscale_bf16`. `layer.weight` keeps
-    only its shape. A layer may carry `pre_quantized = (q, scale)` (e.g. from a GGUF file) to
-    use instead of quantizing its float weight."""
+    kernel's copy) and `wscale_bf16`. `layer.weight` keeps only its shape. A layer may carry
+    `pre_quantized = (q, scale)` (e.g. from a GGUF file) to use instead of quantizing its float
+    weight."""
 
     name = "int8"
 
@@ -108,6 +108,10 @@ class Int8LinearMethod(LinearMethod):
         layer.qlinear_weight = None
         layer.int8_min_qlinear_rows = self.qlinear_min_rows
         layer.int8_bf16_packed = None
+        layer.int8_bag_table = None
+        if device.type == "cpu" and _one_row_bag_enabled():
+            parts = bag_gemv_parts(layer.out_features, torch.get_num_threads())
+            layer.int8_bag_table = int8_bag_table(layer.qweight, parts)
         if (
             device.type == "cpu"
             and not getattr(layer, "quantizable_input", True)
@@ -127,12 +131,9 @@ class Int8LinearMethod(LinearMethod):
         ):
             layer.qlinear_weight = torch.ops.onednn.qlinear_prepack(layer.qweight, None)
             layer.wzero = torch.zeros(q.shape[0], dtype=torch.int64)
-            if _qlinear_faster_at_one_row(layer):
+            # (One row runs the bag GEMV when there is a table: nothing to choose then.)
+            if layer.int8_bag_table is None and _qlinear_faster_at_one_row(layer):
                 layer.int8_min_qlinear_rows = 1
-        layer.int8_bag_table = None
-        if device.type == "cpu" and _one_row_bag_enabled():
-            parts = bag_gemv_parts(layer.out_features, torch.get_num_threads())
-            layer.int8_bag_table = int8_bag_table(layer.qweight, parts)
         layer.pre_quantized = None
         layer.weight.data = layer.weight.data.new_empty(0, layer.in_features)
 
