@@ -9,6 +9,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.models.loader import INDEX_FILE, checkpoint_files
+from tests.greedy_compare import assert_same_greedy_tokens
 
 
 def test_sharded_checkpoint_gives_the_same_outputs(checkpoints, llama_path):
@@ -127,18 +128,6 @@ def test_onednn_linears_match_plain_ones(llama_path, monkeypatch):
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), rtol=1e-4, atol=1e-4)
 
 
-def _assert_same_greedy_tokens(a, b, tol: float) -> None:
-    """Two greedy completions (logprobs=2) agree token for token, their logprobs within tol; a
-    first difference is allowed only at a near-tie (a's top two within tol), after which the
-    texts diverge and the comparison stops."""
-    for i, (ta, tb) in enumerate(zip(a.token_ids, b.token_ids, strict=True)):
-        if ta != tb:
-            assert tb in a.logprobs[i], (i, ta, tb)
-            assert abs(a.logprobs[i][ta].logprob - a.logprobs[i][tb].logprob) < tol, (i, ta, tb)
-            return
-        assert abs(a.logprobs[i][ta].logprob - b.logprobs[i][tb].logprob) < tol, (i, ta)
-
-
 def test_bfloat16_batch1_decode_takes_the_bag_gemv(llama_path, monkeypatch):
     """bfloat16 on CPU: a request decoding alone runs its linears on the bag GEMV (one row),
     and gives oneDNN's tokens (ENGINE_SPLIT_GEMV=0: no tables, oneDNN at every row count)."""
@@ -171,5 +160,5 @@ def test_bfloat16_batch1_decode_takes_the_bag_gemv(llama_path, monkeypatch):
     )
     without = run(onednn_llm)
     assert not calls
-    for a, b in zip(with_bag, without, strict=True):
-        _assert_same_greedy_tokens(a, b, tol=0.1)
+    for ours, theirs in zip(with_bag, without, strict=True):
+        assert_same_greedy_tokens(ours, theirs, tol=0.1, tie_tol=0.1)
