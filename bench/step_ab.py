@@ -21,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -59,17 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     engines: dict[tuple[str, bool], LLMEngine] = {}
     for dtype, _, packed in variants:
         if (dtype, packed) not in engines:
-            saved = os.environ.get("ENGINE_SPLIT_GEMV")
-            os.environ["ENGINE_SPLIT_GEMV"] = "0" if packed else saved or "1"
-            try:
+            env = {"ENGINE_SPLIT_GEMV": "0"} if packed else {}  # read while the weights load
+            with mock.patch.dict(os.environ, env):
                 engines[(dtype, packed)] = LLMEngine(
                     EngineArgs(model=str(path), dtype=dtype, max_model_len=512, max_num_seqs=4)
                 )
-            finally:
-                if saved is None:
-                    del os.environ["ENGINE_SPLIT_GEMV"]
-                else:
-                    os.environ["ENGINE_SPLIT_GEMV"] = saved
     prompt = [3 + (i * 7919) % 1000 for i in range(args.prompt_len)]
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
     counter = [0]
