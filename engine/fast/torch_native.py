@@ -85,6 +85,20 @@ class _Group:
 
 
 @dataclass(frozen=True, slots=True)
+class _LoneGather:
+    """A lone decode request's gather for one step (`TorchNativeAttention._attend_lone`): the
+    scratch every layer gathers its blocks into, and the attention views of them."""
+
+    group: _Group  # the step's one group, whose block ids and length L these are for
+    kind: tuple  # (cache dtype, cache shape[1:]) the buffers were made for
+    flat_ids: torch.Tensor  # [M] block ids, in order
+    k_buf: torch.Tensor  # [M, bs, Hkv, D]
+    v_buf: torch.Tensor
+    k: torch.Tensor  # [1, Hkv, L, D] view of k_buf: exactly the L cached keys
+    v: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
 class _Plan:
     groups: tuple[_Group, ...]
 
@@ -336,7 +350,7 @@ class TorchNativeAttention:
         self._scratch: dict[str, torch.Tensor] = {}
         # A lone decode request's gather buffers and their attention views, made by the first
         # layer of a step and reused by the others (`_attend_lone`).
-        self._lone: tuple | None = None
+        self._lone: _LoneGather | None = None
 
     def _scratch_like(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = math.prod(shape)
@@ -384,8 +398,9 @@ class TorchNativeAttention:
         step (by the first layer) instead of per layer: ~30 us per layer less (SmolLM2-135M,
         160 cached tokens, caches beyond the CPU cache: 64 against 96 us per layer)."""
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        kind = (k_cache.dtype, k_cache.shape[1:])
         lone = self._lone
-        if lone is None or lone[0] is not grp or lone[1] != (k_cache.dtype, k_cache.shape[1:]):
+        if lone is None or lone.group is not grp or lone.kind != kind:
             shape = (grp.block_ids.shape[1], *k_cache.shape[1:])
             k_buf = self._scratch_like("k", shape, k_cache)
             v_buf = self._scratch_like("v", shape, v_cache)
@@ -394,15 +409,15 @@ class TorchNativeAttention:
             def keys(buf: torch.Tensor) -> torch.Tensor:  # [1, Hkv, L, D] view of the gather
                 return buf.view(1, -1, num_kv_heads, head_dim)[:, :length].transpose(1, 2)
 
-            flat = grp.block_ids.reshape(-1)
-            kind = (k_cache.dtype, k_cache.shape[1:])
-            lone = self._lone = (grp, kind, flat, k_buf, v_buf, keys(k_buf), keys(v_buf))
-        _, _, flat, k_buf, v_buf, k, v = lone
-        torch.index_select(k_cache, 0, flat, out=k_buf)
-        torch.index_select(v_cache, 0, flat, out=v_buf)
+            flat_ids = grp.block_ids.reshape(-1)
+            lone = self._lone = _LoneGather(
+                grp, kind, flat_ids, k_buf, v_buf, keys(k_buf), keys(v_buf)
+            )
+        torch.index_select(k_cache, 0, lone.flat_ids, out=lone.k_buf)
+        torch.index_select(v_cache, 0, lone.flat_ids, out=lone.v_buf)
         group = q.shape[1] // num_kv_heads
         out = F.scaled_dot_product_attention(
-            q.view(1, num_kv_heads, group, head_dim), k, v, scale=scale
+            q.view(1, num_kv_heads, group, head_dim), lone.k, lone.v, scale=scale
         )  # [1, Hkv, G, D]: query head h = kv head h // G, row h % G
         return out.view(q.shape)
 

@@ -184,7 +184,7 @@ def test_lone_decode_reuses_its_views_across_layers_and_rebuilds_them_per_step()
             expected, _, _ = run_backend(_REFERENCE, batch, None)
             out, _, _ = run_backend(backend, batch, None)
             torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
-        assert backend._lone is not None and backend._lone[0].single_len == requests[0][0]
+        assert backend._lone is not None and backend._lone.group.single_len == requests[0][0]
 
 
 def test_torch_backend_passes_the_kit(tmp_path):
