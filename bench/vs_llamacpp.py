@@ -27,6 +27,19 @@ For each type it measures, one system at a time (nothing else should run on the 
 
 It prints every row with the ratio engine / llama.cpp, and the engine server at concurrency 1 as a
 fraction of the engine's own offline batch-1 speed.
+
+Hardware bounds, measured in the same run (before and after the systems; the higher figure of
+each counts, as in bench/throughput.py): the memory read bandwidth (a streaming `sum` over 512
+MiB) and the fp32 GEMM FLOP rate (a 2048^2 `mm`). Each row gets the output tokens/s no system can
+pass on this machine, and what that is against llama.cpp (the most any engine could show there):
+
+* offline batch-1: every decoded token reads all weights once: read bandwidth / weight bytes
+  (fp32/bf16: the checkpoint's weights in that dtype; quantized types: the GGUF file's size,
+  about what llama.cpp reads per token);
+* serving, fp32 only (the FLOP rate is fp32's): the level's requests need their FLOPs (linear
+  maps, attention over their context, the LM head at each sampled token; `bench/common.py`'s
+  `model_cost`) at the GEMM rate, and at least ceil(n / concurrency) x output_len forward passes,
+  each reading all weights: the bound is output tokens / the larger of the two times.
 """
 
 from __future__ import annotations
@@ -37,6 +50,7 @@ import gc
 import importlib.util
 import io
 import json
+import math
 import os
 import platform
 import statistics
@@ -47,8 +61,18 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-from common import cache_dir, format_table
+from common import (
+    HardwareBounds,
+    ModelCost,
+    attended_keys,
+    best_bounds,
+    cache_dir,
+    format_table,
+    measure_bounds,
+    model_cost,
+)
 
 from engine.server.thread import free_port
 
@@ -207,12 +231,23 @@ def running(cmd: list[str], port: int, log: Path, env: dict[str, str]) -> Iterat
                 proc.wait()
 
 
-def serve_levels(url: str, args: argparse.Namespace) -> dict[int, float]:
-    """Output tokens/s at each concurrency, from bench/serve.py (one call per level)."""
+@dataclass(frozen=True, slots=True)
+class LevelStats:
+    """One concurrency level of bench/serve.py: its output rate and the work it did."""
+
+    output_tps: float
+    num_requests: int
+    prompt_tokens: int
+    output_tokens: int
+
+
+def serve_levels(url: str, args: argparse.Namespace) -> dict[int, LevelStats]:
+    """Each concurrency level's output tokens/s and token counts, from bench/serve.py (one call
+    per level)."""
     sys.path.insert(0, str(BENCH_DIR))
     import serve
 
-    rates: dict[int, float] = {}
+    rates: dict[int, LevelStats] = {}
     for concurrency in args.concurrency:
         num = max(args.min_prompts, args.prompts_per_slot * concurrency)
         argv = ["--base-url", url, "--concurrency", str(concurrency), "--num-prompts", str(num)]
@@ -222,8 +257,34 @@ def serve_levels(url: str, args: argparse.Namespace) -> dict[int, float]:
             (level,) = serve.main(argv)
         if level.num_failed:
             raise SystemExit(f"{level.num_failed} requests failed at {url}: {level.errors}")
-        rates[concurrency] = level.output_throughput
+        rates[concurrency] = LevelStats(
+            level.output_throughput, level.num_ok, level.prompt_tokens, level.output_tokens
+        )
     return rates
+
+
+def offline_bound_tps(weight_bytes: int, bounds: HardwareBounds) -> float:
+    """Batch-1 decode tokens/s if each token only read every weight once, at the read bound."""
+    return bounds.read_bandwidth / weight_bytes
+
+
+def serve_bound_tps(
+    level: LevelStats,
+    concurrency: int,
+    cost: ModelCost,
+    weight_bytes: int,
+    bounds: HardwareBounds,
+) -> float:
+    """Output tokens/s no fp32 system can pass on this level's work: its FLOPs at the GEMM rate,
+    or its weight reads (at least ceil(n / concurrency) x output_len forward passes, each reading
+    every weight) at the read bandwidth, whichever takes longer."""
+    n = level.num_requests
+    prompt = round(level.prompt_tokens / n)
+    output = round(level.output_tokens / n)
+    flops = n * cost.flops(prompt + output - 1, output, attended_keys(prompt, output))
+    flop_s = flops / bounds.gemm_flops
+    read_s = math.ceil(n / concurrency) * output * weight_bytes / bounds.read_bandwidth
+    return level.output_tokens / max(flop_s, read_s)
 
 
 @dataclass(slots=True)
@@ -232,8 +293,9 @@ class TypeResult:
     engine_source: str
     llama_offline: float
     engine_offline: float
-    llama_serve: dict[int, float]
-    engine_serve: dict[int, float]
+    llama_serve: dict[int, LevelStats]
+    engine_serve: dict[int, LevelStats]
+    weight_bytes: int  # read per decoded token at batch 1 (see offline_bound_tps)
 
 
 def engine_kwargs_for(kind: str, model_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
@@ -282,42 +344,79 @@ def measure_type(kind: str, model_dir: Path, args: argparse.Namespace, work: Pat
     source = Path(kwargs["model"]).name + (
         f" --quantization {q}" if (q := kwargs.get("quantization")) else ""
     )
-    return TypeResult(kind, source, llama_offline, engine_offline, llama_serve, engine_serve)
+    return TypeResult(
+        kind,
+        source,
+        llama_offline,
+        engine_offline,
+        llama_serve,
+        engine_serve,
+        weight_bytes(kind, model_dir, gguf),
+    )
 
 
-def report(results: list[TypeResult], args: argparse.Namespace) -> str:
+def hf_config(model_dir: Path) -> Any:  # a transformers PretrainedConfig
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def weight_bytes(kind: str, model_dir: Path, gguf: Path) -> int:
+    """Bytes of weights one batch-1 decode step reads: fp32/bf16 from the model's shape,
+    quantized types the GGUF file's size (its tensors, the metadata is small)."""
+    if kind in ("f32", "bf16"):
+        import torch
+
+        dtype = getattr(torch, TYPES[kind][0])
+        return model_cost(hf_config(model_dir), dtype).weight_bytes
+    return gguf.stat().st_size
+
+
+def report(
+    results: list[TypeResult],
+    args: argparse.Namespace,
+    bounds: HardwareBounds,
+    cost: ModelCost,
+) -> str:
+    """The table: both systems, their ratio, and each row's hardware bound (offline rows of every
+    type, serving rows of f32) with the bound's ratio to llama.cpp and the engine's to the bound."""
     rows = []
     for r in results:
+        offline_bound = offline_bound_tps(r.weight_bytes, bounds)
         rows.append(
-            [
+            _row(
                 r.kind,
                 f"offline batch-1 (tg{args.output_len})",
                 r.llama_offline,
                 r.engine_offline,
-                f"{r.engine_offline / r.llama_offline:.2f}x",
-            ]
+                offline_bound,
+            )
         )
         for c in args.concurrency:
-            rows.append(
-                [
-                    r.kind,
-                    f"server, concurrency {c}",
-                    r.llama_serve[c],
-                    r.engine_serve[c],
-                    f"{r.engine_serve[c] / r.llama_serve[c]:.2f}x",
-                ]
-            )
-    table = format_table(
-        ["type", "output tok/s", "llama.cpp", "engine", "engine / llama.cpp"], rows
-    )
-    lines = [table, ""]
+            engine = r.engine_serve[c]
+            bound = None
+            if r.kind == "f32":
+                bound = serve_bound_tps(engine, c, cost, r.weight_bytes, bounds)
+            label = f"server, concurrency {c}"
+            rows.append(_row(r.kind, label, r.llama_serve[c].output_tps, engine.output_tps, bound))
+    headers = ["type", "output tok/s", "llama.cpp", "engine", "engine / llama.cpp"]
+    headers += ["bound", "bound / llama.cpp", "engine / bound"]
+    lines = [bounds.describe(), format_table(headers, rows), ""]
     for r in results:
         first = min(args.concurrency)
         lines.append(
             f"[{r.kind}] engine: {r.engine_source}; engine server at concurrency {first} = "
-            f"{r.engine_serve[first] / r.engine_offline:.0%} of its offline batch-1 speed"
+            f"{r.engine_serve[first].output_tps / r.engine_offline:.0%} of its offline batch-1 "
+            f"speed; weights read per batch-1 token {r.weight_bytes / 1e6:.0f} MB"
         )
     return "\n".join(lines)
+
+
+def _row(kind: str, label: str, llama: float, engine: float, bound: float | None) -> list:
+    row = [kind, label, llama, engine, f"{engine / llama:.2f}x"]
+    if bound is None:
+        return [*row, "-", "-", "-"]
+    return [*row, bound, f"{bound / llama:.2f}x", f"{engine / bound:.0%}"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -372,10 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = (args.model or smollm2_checkpoint(cache_dir())).resolve()
     print(f"CPU: {cpu_description()}; threads {args.threads}; model {model_dir}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    # The full measurements even with --quick (~10 s each): small ones fit in the caches.
+    before = measure_bounds(read=True)
     results = [measure_type(kind, model_dir, args, work) for kind in args.types]
-    print(report(results, args))
+    bounds = best_bounds(before, measure_bounds(read=True))
+    print(report(results, args, bounds, model_cost(hf_config(model_dir))))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2, default=str))
+        payload = {"bounds": asdict(bounds), "results": [asdict(r) for r in results]}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
     return 0
 
 
