@@ -446,7 +446,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--offline-prompt-len", type=int, default=8)
     p.add_argument("--prompts-per-slot", type=int, default=2)
     p.add_argument("--min-prompts", type=int, default=8)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="llama.cpp's -t, the servers' OMP_NUM_THREADS, the offline engine's and the bounds'",
+    )
     p.add_argument("--work-dir", type=Path, default=None, help="where converted files go")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument(
