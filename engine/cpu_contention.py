@@ -67,6 +67,7 @@ __all__ = [
     "CpuTimes",
     "ProcCpuTimes",
     "ThreadsSummary",
+    "affinity_cpus",
     "others_cores",
     "parse_reserved_cpus",
 ]
@@ -284,7 +285,7 @@ class AdaptiveThreads:
         engine thread's torch default)."""
         if not self._max_given and default_threads is not None:
             self._set_max_threads(max(1, default_threads))
-        cpus = self._cpus if self._cpus is not None else _affinity_cpus()
+        cpus = self._cpus if self._cpus is not None else affinity_cpus()
         self.spare_cores = max(0, cpus - self.max_threads)
         if not self.enabled:
             return
@@ -376,7 +377,8 @@ class AdaptiveThreads:
             )
 
 
-def _affinity_cpus() -> int:
+def affinity_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask; os.cpu_count() without one)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from engine.cpu_contention import affinity_cpus
 from engine.models.cpu_gemm import (
     bag_gemv,
     bag_gemv_parts,
@@ -63,8 +64,8 @@ def _filled_linear(out: int, inp: int, bias: bool = True, **kw) -> Linear:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_linear_methods_match_their_reference(method, dtype, threads):
-    """Every row count on both sides of the split GEMV's limit, with 1 thread (no split) and
-    2 (40 output rows in 2 slices); the bag GEMV at one row (in its 8 bags of 5 rows' table,
+    """Every row count on both sides of the split GEMV's limit, with 1 thread and 2 (40 output
+    rows in up to twice the CPUs' slices); the bag GEMV at one row (in its 8 bags of 5 rows' table,
     built for whichever thread count loaded it) in both dtypes."""
     if isinstance(method, OneDNNLinearMethod) and not can_pack_for_cpu(dtype, torch.device("cpu")):
         pytest.skip(f"no oneDNN {dtype} kernels")
@@ -160,10 +161,39 @@ def test_split_gemv_equals_the_plain_product(rows, parts, slice_rows, in_feature
 
 
 def test_split_gemv_parts_divide_the_rows():
-    assert split_gemv_parts(576, 2) == 2 and split_gemv_parts(576, 16) == 16
-    assert split_gemv_parts(49152, 1) == 1
-    assert split_gemv_parts(7, 4) == 1  # a prime row count: no split (oneDNN instead)
-    assert split_gemv_parts(30, 4) == 3  # the largest divisor within the threads
+    """The largest divisor of the rows up to twice the CPUs, and at least a split in two."""
+    assert split_gemv_parts(576, 2) == 4 and split_gemv_parts(576, 8) == 16
+    assert split_gemv_parts(49152, 1) == 2  # one CPU still splits (one slice is torch's slow path)
+    assert split_gemv_parts(7, 2) == 1  # no divisor up to 4: no split (oneDNN instead)
+    assert split_gemv_parts(30, 2) == 3  # the largest divisor within twice the CPUs
+
+
+@pytest.mark.skipif(
+    not can_pack_for_cpu(torch.float32, torch.device("cpu")), reason="no oneDNN float32"
+)
+def test_one_row_results_do_not_depend_on_the_thread_count():
+    """The adaptive CPU reservation moves the engine between 1 and all threads mid-request: a
+    one-row product (batch-1 decode, the LM head) gives the same bits at every thread count
+    (the split GEMV's slicing is fixed per layer; oneDNN at one thread rounded differently), and
+    its first call fixes the slicing whatever the thread count then."""
+    saved = torch.get_num_threads()
+    try:
+        for first_threads in (1, 2):
+            layer = _filled_linear(96, 300)
+            layer.process_weights_after_loading(OneDNNLinearMethod(split_gemv=True))
+            x = torch.randn(1, 300, generator=torch.Generator().manual_seed(1))
+            results = []
+            for threads in (first_threads, 1, 2, 3):
+                torch.set_num_threads(threads)
+                results.append(layer(x))
+            for out in results[1:]:
+                assert torch.equal(out, results[0])
+            assert layer.gemv_slices.shape[0] == split_gemv_parts(96, affinity_cpus()) > 1
+            weight, bias = layer.weight.data.double(), layer.bias.data.double()
+            ref = torch.nn.functional.linear(x.double(), weight, bias).float()
+            torch.testing.assert_close(results[0], ref, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @settings(max_examples=40, deadline=None)

@@ -9,20 +9,22 @@ Two kernels, picked per call by the number of rows T of the input:
   engine's offline throughput fell from 146 to 113 tok/s with plain weights, hence the packing.
   oneDNN keeps state for every row count it runs at and never frees it, so it runs only at
   bucketed row counts (`onednn_row_bucket`).
-- **The split GEMV** (`split_gemv`), for float32 at T <= `SPLIT_GEMV_MAX_ROWS` (one row:
-  batch-1 decode, and the LM head of a step that samples one token) with >= 2 torch threads, on
-  a plain copy of the weight: [out, in] viewed as P = threads slices of out / P rows
-  ([P, out / P, in], no copy) and multiplied by one batched GEMM, so each thread streams its own
-  slice of the weight. At one row a linear is a matrix-vector product bound by how fast the
-  weight is read; oneDNN's GEMV leaves a third of the bandwidth unused on the 2-core machines
-  here, the batched one does not. Measured (SmolLM-135M's 30 layers and LM head, 538 MB, 2
-  threads, AMD EPYC): 17.5-18.6 ms vs oneDNN's 26.3-29.8 at 1 row (30 GB/s; a streaming `sum`
-  over the same tensors reads 29 GB/s). From 2 rows it does not pay inside the engine: alone,
-  2 rows took 19-21 ms, but within engine steps the linears took 1.6-1.7x their one-row time
-  (batch-2 and batch-4 decode steps 41 and 57 ms against oneDNN's 41 and 37), and oneDNN packed
-  for 128 rows takes 22-23 ms at 3-4 rows. With one thread oneDNN is faster (43 vs 50 ms), so
-  the split needs two. Not for bfloat16: torch's bfloat16 batched GEMM is slower (35 vs 15.8
-  ms).
+- **The split GEMV** (`split_gemv`), for float32 at T <= `SPLIT_GEMV_MAX_ROWS` (one row: batch-1
+  decode, and the LM head of a step that samples one token), on a plain copy of the weight: [out,
+  in] viewed as P slices of out / P rows ([P, out / P, in], no copy; P from `split_gemv_parts`, up
+  to twice the CPUs) and multiplied by one batched GEMM, so the threads stream their own slices of
+  the weight. At one row a linear is a matrix-vector product bound by how fast the weight is read;
+  oneDNN's GEMV leaves a third of the bandwidth unused on the 2-core machines here, the batched one
+  does not. Measured (SmolLM-135M's 30 layers and LM head, 538 MB, 2 threads, AMD EPYC): 17.5-18.6
+  ms vs oneDNN's 26.3-29.8 at 1 row (30 GB/s; a streaming `sum` over the same tensors reads 29
+  GB/s). From 2 rows it does not pay inside the engine: alone, 2 rows took 19-21 ms, but within
+  engine steps the linears took 1.6-1.7x their one-row time (batch-2 and batch-4 decode steps 41
+  and 57 ms against oneDNN's 41 and 37), and oneDNN packed for 128 rows takes 22-23 ms at 3-4 rows.
+  It also serves one thread (the adaptive CPU reservation's, OMP_NUM_THREADS=1): 2-8 slices on one
+  thread took 25.7-26.3 ms for SmolLM2's 121 linears against oneDNN's 41.2 (a single slice, 51.6
+  ms, takes torch's slower one-matrix path, which made an earlier measurement favour oneDNN at one
+  thread). The slicing is fixed per layer (`split_gemv_parts`), so the results do not depend on the
+  thread count. Not for bfloat16: torch's bfloat16 batched GEMM is slower (35 vs 15.8 ms).
 - **The bag GEMV** (`bag_gemv`), for bfloat16 at one row, on a copy of the weight laid out for
   `F.embedding_bag`: the weight's P row slices, each transposed ([in, out / P]), stacked as a
   [P * in, out / P] table (`bag_gemv_table`). One embedding_bag in mode "sum" with P bags (bag p:
@@ -113,10 +115,18 @@ def _onednn_linear_exact(
 
 
 @functools.lru_cache(maxsize=256)
-def split_gemv_parts(out_features: int, threads: int) -> int:
-    """The number of weight slices for `threads` threads: the largest divisor of out_features
-    that is <= threads (1: no split)."""
-    return max(p for p in range(1, max(threads, 1) + 1) if out_features % p == 0)
+def split_gemv_parts(out_features: int, cpus: int) -> int:
+    """The number of weight slices on a machine with `cpus` CPUs: the largest divisor of
+    out_features that is <= 2 * cpus (at least 2 allowed; 1: no split, oneDNN instead).
+
+    A constant per layer and machine, never the current thread count: the split GEMV's output
+    depends on the slicing (for some shapes a row's float32 sum rounds differently with other
+    slices) but not on how many threads run the slices (measured: 1,552 shape/slicing pairs bit
+    for bit equal at 1-4 threads), so one fixed slicing keeps one-row results the same when the
+    adaptive CPU reservation changes the thread count. Twice the CPUs keeps the slices balanced
+    when a thread is reserved."""
+    limit = max(2, 2 * cpus)
+    return max(p for p in range(1, limit + 1) if out_features % p == 0)
 
 
 def split_gemv(

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import AttentionBackend, AttentionMetadata
+from engine.cpu_contention import affinity_cpus
 from engine.distributed.communication import all_reduce
 from engine.distributed.parallel_state import TPGroup, current_tp
 from engine.kv_cache import LayerKVCache
@@ -177,8 +178,8 @@ class OneDNNLinearMethod(LinearMethod):
 
     - `split_gemv` (float32 by default): the plain weight stays (`layer.weight`, contiguous
       [out, in]; a tied LM head shares the embedding's), and up to `SPLIT_GEMV_MAX_ROWS` rows
-      with >= 2 torch threads run the split GEMV on it (its row slices in one batched GEMM, one
-      slice per thread).
+      run the split GEMV on it (its row slices in one batched GEMM, the slicing fixed per layer
+      and machine, so one-row results do not depend on the thread count).
     - `bag_gemv` (bfloat16 by default): the weight as the bag GEMV's table
       (`layer.gemv_table`, [P * in, out / P]), which one-row inputs run on (one embedding_bag,
       the bags spread over the threads).
@@ -215,10 +216,10 @@ class OneDNNLinearMethod(LinearMethod):
             return bag_gemv(x, layer.gemv_table, layer.bias)
         if self.split_gemv and rows <= SPLIT_GEMV_MAX_ROWS:
             slices = layer.gemv_slices
-            parts = split_gemv_parts(layer.out_features, torch.get_num_threads())
-            if slices is None or slices.shape[0] != parts:  # first call, or threads changed
+            if slices is None:  # first call; the slicing then stays, whatever the thread count
+                parts = split_gemv_parts(layer.out_features, affinity_cpus())
                 slices = layer.gemv_slices = split_gemv_slices(layer.weight.data, parts)
-            if parts > 1:
+            if slices.shape[0] > 1:
                 return split_gemv(x, slices, layer.bias)
         return onednn_linear(x, layer.packed, layer.bias)
 
