@@ -52,6 +52,7 @@ from engine.logprobs import logprob_entries
 from engine.penalties import PenaltyCounts, add_counts, penalties_enabled
 from engine.sampling_params import SamplingParams
 from engine.scheduler.interface import SampledToken
+from engine.serial import on_one_thread
 from engine.structured.grammar import bitmask_to_bool
 
 if TYPE_CHECKING:
@@ -445,6 +446,15 @@ def draw_tokens(
     return tokens
 
 
+def _log_normaliser(logits: torch.Tensor) -> torch.Tensor:  # [b, V] -> [b]
+    """logsumexp over the vocabulary. One row runs on one thread (`engine.serial`): torch sums a
+    lone row in per-thread parts, so its last bit would depend on the thread count; more rows
+    are split over the threads by row."""
+    if logits.shape[0] == 1:
+        return on_one_thread(torch.logsumexp, logits, dim=-1)
+    return logits.logsumexp(dim=-1)
+
+
 def _take(tensor: torch.Tensor, index: list[int]) -> torch.Tensor:
     """tensor[index] without a copy when index is every row in order."""
     return tensor if index == list(range(tensor.shape[0])) else tensor[index]
@@ -475,7 +485,7 @@ class Sampler:
         with_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         log_total = torch.full((len(rows),), float("nan"), dtype=logits.dtype, device=device)
         if with_logprobs:
-            log_total[with_logprobs] = _take(logits, with_logprobs).logsumexp(dim=-1)  # [b]
+            log_total[with_logprobs] = _log_normaliser(_take(logits, with_logprobs))  # [b]
 
         processors = self.step_processors
         processed = process_logits(logits, rows, processors)

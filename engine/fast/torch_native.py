@@ -19,7 +19,8 @@ decodes and prompt chunks without a per-request Python loop:
    rows straight from the cache (`_attend_decode`). A group of one decode request (batch-1
    decode; no sliding window, no soft-cap) instead gathers its K and V and keeps exactly its L
    cached keys, which its query all sees: step 2's SDPA call with no mask (`_Group.single_len`;
-   fewer op calls: the batch-1 step 1.3-3 ms faster).
+   fewer op calls: the batch-1 step 1.3-3 ms faster), in float32/float64 on one thread so that
+   its bits do not depend on the thread count (`_ONE_THREAD_DTYPES`).
 
 4. Soft-capping (Gemma 2): SDPA has no score hook, so a prompt group with `softcap` c runs the
    same gathered views through explicit GEMMs: scores = q k^T * scale, c * tanh(scores / c),
@@ -45,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import AttentionMetadata, write_kv_to_cache
+from engine.serial import on_one_thread
 
 # A group's padded visibility mask holds at most this many elements (n * Q * G * S); bigger
 # prompt batches are split so masks and padded work stay small (one long request may exceed it).
@@ -334,6 +336,26 @@ def _attend_decode(
     return out.view(n, 1, num_kv_heads, group, head_dim)
 
 
+# The lone decode's gather + SDPA run on one thread in these dtypes (`engine.serial`): torch's
+# SDPA splits a lone query's keys over the threads at some lengths, so the last bits changed
+# when the adaptive CPU reservation changed the thread count mid-request. Measured on SmolLM2's
+# batch-1 step (1,000 steps, the two ways alternating): float32 28.47 vs 28.34 ms; bfloat16
+# 20.86 vs 20.34, so bfloat16 keeps every thread (and its last bits may follow the count).
+_ONE_THREAD_DTYPES = (torch.float32, torch.float64)
+
+
+def _gather_attend_lone(
+    q: torch.Tensor,  # [1, Hkv, G, D]
+    k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+    v_cache: torch.Tensor,
+    lone: _LoneGather,
+    scale: float,
+) -> torch.Tensor:  # [1, Hkv, G, D]: query head h = kv head h // G, row h % G
+    torch.index_select(k_cache, 0, lone.flat_ids, out=lone.k_buf)
+    torch.index_select(v_cache, 0, lone.flat_ids, out=lone.v_buf)
+    return F.scaled_dot_product_attention(q, lone.k, lone.v, scale=scale)
+
+
 class TorchNativeAttention:
     """Implements `engine.attention.AttentionBackend`, vectorised over the batch."""
 
@@ -413,12 +435,11 @@ class TorchNativeAttention:
             lone = self._lone = _LoneGather(
                 grp, kind, flat_ids, k_buf, v_buf, keys(k_buf), keys(v_buf)
             )
-        torch.index_select(k_cache, 0, lone.flat_ids, out=lone.k_buf)
-        torch.index_select(v_cache, 0, lone.flat_ids, out=lone.v_buf)
-        group = q.shape[1] // num_kv_heads
-        out = F.scaled_dot_product_attention(
-            q.view(1, num_kv_heads, group, head_dim), lone.k, lone.v, scale=scale
-        )  # [1, Hkv, G, D]: query head h = kv head h // G, row h % G
+        q4 = q.view(1, num_kv_heads, q.shape[1] // num_kv_heads, head_dim)
+        if q.dtype in _ONE_THREAD_DTYPES:
+            out = on_one_thread(_gather_attend_lone, q4, k_cache, v_cache, lone, scale)
+        else:
+            out = _gather_attend_lone(q4, k_cache, v_cache, lone, scale)
         return out.view(q.shape)
 
     def write_kv(
