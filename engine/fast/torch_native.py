@@ -12,7 +12,10 @@ decodes and prompt chunks without a per-request Python loop:
    offset by the cached tokens, optionally a sliding window).
 2. Per layer and group: one gather of whole blocks through the block table (index_select of
    contiguous bs * Hkv * D runs), then one `scaled_dot_product_attention` over strided
-   [n, Hkv, S, D] views of it with the visibility mask.
+   [n, Hkv, S, D] views of it with the visibility mask. A group of fresh prompts (no cached
+   tokens, no window) of at least CAUSAL_MIN_QUERY tokens runs SDPA's causal kernel instead
+   (query heads unfolded, `enable_gqa`): it skips the key blocks above the diagonal that the
+   mask would only hide (`_Group.causal`).
 3. Decode groups (one query token per request, at most MAX_DECODE_KV_HEADS KV heads) are memory
    bound, so they skip the V gather: K is gathered and scored by one batched GEMM, and an
    `embedding_bag` (mode "sum" with per-sample weights) adds up the probability-weighted value
@@ -28,7 +31,9 @@ decodes and prompt chunks without a per-request Python loop:
    softmax.
 
 GQA is folded, not repeated: the G query heads that share a KV head become G extra query rows of
-that head ([n, Hkv, Q * G, D] against [n, Hkv, S, D]), so K/V are never materialised G times.
+that head ([n, Hkv, Q * G, D] against [n, Hkv, S, D]), so K/V are never materialised G times (the
+causal path passes [n, Hq, Q, D] queries with `enable_gqa` and leaves the head mapping to the
+kernel).
 
 Invariants: reads only the cache slots of blocks listed in a request's block table and masks every
 slot at or past its seq_len, so stale data in reused blocks never leaks in; every padded query row
@@ -57,6 +62,11 @@ MIN_GROUP_SIZE = 8
 # Decode groups take the gather-free path (below) when the KV heads are at most this many: its
 # score GEMM computes all Hkv x Hkv head pairs and keeps the diagonal, Hkv times the useful work.
 MAX_DECODE_KV_HEADS = 4
+# A group of fresh prompts (no cached tokens, no window) at least this long runs SDPA's causal
+# kernel, which skips the blocks above the diagonal, instead of the full square under a mask.
+# Measured per layer (SmolLM2 shapes, fp32, 2 threads): 1 x 768 tokens 7.3 vs 10.7 ms, 1 x 1024
+# 12.6 vs 19.0, 1 x 2048 41.6 vs 73.8; 4 x 512 16.4 vs 16.7 and 16 x 128 6.2 vs 5.5 (a loss).
+CAUSAL_MIN_QUERY = 768
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,10 @@ class _Group:
     # decode step: 27.3-27.5 ms against 28.7-30.5 at 32-290 cached tokens, 39.3 against 41.1
     # at 1000-1256; same process, alternating rounds, 2 threads). None otherwise.
     single_len: int | None = None
+    # Every request is a fresh prompt (no cached tokens; no window) and Q >= CAUSAL_MIN_QUERY:
+    # query slot j of each request sits at position j, so SDPA's top-left causal mask is its
+    # visibility (`_attend_group`).
+    causal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +213,8 @@ def build_plan(
             valid_tokens = token.reshape(-1)[real].to(device)
         single = n == 1 and q_max == 1 and sliding_window is None
         single_len = seq_lens[rows[0]] if single else None
+        fresh = all(seq_lens[i] == q_lens[i] for i in rows)
+        causal = fresh and sliding_window is None and q_max >= CAUSAL_MIN_QUERY
         value_rows = bag_offsets = None
         if q_max == 1 and num_kv_heads is not None and num_kv_heads <= MAX_DECODE_KV_HEADS:
             seq = m_max * block_size
@@ -219,6 +235,7 @@ def build_plan(
                 value_rows=value_rows,
                 bag_offsets=bag_offsets,
                 single_len=single_len,
+                causal=causal,
             )
         )
     return _Plan(groups=tuple(groups))
@@ -238,14 +255,25 @@ def _attend_group(
     q_max = grp.max_query_len
     seq = m_max * k_cache.shape[1]
     q_grp = q if grp.query_index is None else q.index_select(0, grp.query_index)
-    # [n * Q, Hkv, G, D] -> [n, Hkv, Q * G, D]: the G heads sharing a KV head are extra rows.
-    q_grp = q_grp.view(n, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
-    q_grp = q_grp.reshape(n, num_kv_heads, q_max * group, head_dim)
     # One copy of whole blocks (contiguous runs of bs * Hkv * D elements); the [n, Hkv, S, D]
     # operands are strided views of it, which the attention kernel reads in place.
     flat_ids = grp.block_ids.reshape(-1)
     k = torch.index_select(k_cache, 0, flat_ids, out=k_buf).view(n, seq, num_kv_heads, head_dim)
     v = torch.index_select(v_cache, 0, flat_ids, out=v_buf).view(n, seq, num_kv_heads, head_dim)
+    if grp.causal:  # fresh prompts: query j sees keys 0..j (pad rows see junk; dropped later)
+        q_heads = q_grp.view(n, q_max, num_kv_heads * group, head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q_heads,
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )  # [n, Hq, Q, D]; query head h reads KV head h // G
+        return out.transpose(1, 2).view(n, q_max, num_kv_heads, group, head_dim)
+    # [n * Q, Hkv, G, D] -> [n, Hkv, Q * G, D]: the G heads sharing a KV head are extra rows.
+    q_grp = q_grp.view(n, q_max, num_kv_heads, group, head_dim).transpose(1, 2)
+    q_grp = q_grp.reshape(n, num_kv_heads, q_max * group, head_dim)
     mask: torch.Tensor | None = grp.attn_bias
     if grp.single_len is not None:  # one decode query at L - 1 sees exactly its L keys: no mask
         k, v, mask = k[:, : grp.single_len], v[:, : grp.single_len], None

@@ -69,6 +69,44 @@ def test_decodes_through_sdpa_equal_reference_float64(params, sliding_window, so
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)), softcaps)
+def test_fresh_prompts_through_the_causal_kernel_equal_reference_float64(
+    params, sliding_window, softcap
+):
+    """With CAUSAL_MIN_QUERY at 1, every group of fresh prompts takes SDPA's causal kernel
+    (unfolded query heads, enable_gqa); the rest of the batch is unchanged."""
+    batch = make_batch(**params)
+    expected, _, _ = run_backend(_REFERENCE, batch, sliding_window, softcap)
+    with mock.patch.object(torch_native, "CAUSAL_MIN_QUERY", 1):
+        out, _, _ = run_backend(TorchNativeAttention(), batch, sliding_window, softcap)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fresh_prompt_groups_take_the_causal_kernel(dtype):
+    """Two fresh prompts of different lengths (the shorter padded, with garbage past its end)
+    make a causal group; a prompt chunk after cached tokens, a window or a query shorter than
+    CAUSAL_MIN_QUERY keep the mask. Equal to the reference either way."""
+    fresh = make_batch([(9, 9), (5, 5)], 4, 3, 3, 8, seed=7, dtype=dtype)
+    chunked = make_batch([(9, 9), (12, 8)], 4, 3, 3, 8, seed=7, dtype=dtype)  # one group
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    with mock.patch.object(torch_native, "CAUSAL_MIN_QUERY", 5):
+        plan = TorchNativeAttention().plan(fresh.meta, 4, 3, None, dtype, num_kv_heads=3)
+        assert [g.causal for g in plan.groups] == [True]
+        windowed = TorchNativeAttention().plan(fresh.meta, 4, 3, 6, dtype, num_kv_heads=3)
+        assert not any(g.causal for g in windowed.groups)
+        mixed = TorchNativeAttention().plan(chunked.meta, 4, 3, None, dtype, num_kv_heads=3)
+        assert [g.causal for g in mixed.groups] == [False]  # 4 cached tokens before one
+        for batch in (fresh, chunked):
+            expected, _, _ = run_backend(_REFERENCE, batch, None)
+            out, _, _ = run_backend(TorchNativeAttention(), batch, None)
+            torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
+    with mock.patch.object(torch_native, "CAUSAL_MIN_QUERY", 10):
+        plan = TorchNativeAttention().plan(fresh.meta, 4, 3, None, dtype, num_kv_heads=3)
+        assert not any(g.causal for g in plan.groups)
+
+
 @settings(max_examples=30, deadline=None)
 @given(mixed_batches(), st.one_of(st.none(), st.integers(1, 20)), softcaps)
 def test_torch_backend_close_to_reference_float32(params, sliding_window, softcap):
