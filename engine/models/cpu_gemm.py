@@ -64,6 +64,7 @@ __all__ = [
     "int8_bag_available",
     "int8_bag_gemv",
     "int8_bag_table",
+    "one_row_copies_enabled",
     "onednn_linear",
     "onednn_row_bucket",
     "onednn_row_buckets",
@@ -77,6 +78,13 @@ _PACK_BATCH_HINT = 128  # the row count oneDNN picks its blocking for; any row c
 
 # The split GEMV beats oneDNN up to this many rows in engine steps (see the module docstring).
 SPLIT_GEMV_MAX_ROWS = 1
+
+
+def one_row_copies_enabled() -> bool:
+    """Whether weights keep a second copy for one-row inputs (float32's split GEMV, bfloat16's
+    and int8's bag GEMV tables): yes unless ENGINE_SPLIT_GEMV=0, the one switch for all three
+    (read when the weights load)."""
+    return os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0"
 
 
 def can_pack_for_cpu(dtype: torch.dtype, device: torch.device) -> bool:

@@ -35,7 +35,6 @@ ranks, gives each rank the one KV head its query heads use (replicated, as vLLM 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +54,7 @@ from engine.models.cpu_gemm import (
     bag_gemv_parts,
     bag_gemv_table,
     can_pack_for_cpu,
+    one_row_copies_enabled,
     onednn_linear,
     pack_weight,
     split_gemv,
@@ -244,13 +244,13 @@ def split_gemv_enabled(dtype: torch.dtype) -> bool:
     plain copy of every weight: packed only, as before). bfloat16 takes the bag GEMV instead:
     torch's bfloat16 batched GEMM is slower than oneDNN's packed one (35 vs 15.8 ms for
     SmolLM-135M's weights)."""
-    return dtype == torch.float32 and os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0"
+    return dtype == torch.float32 and one_row_copies_enabled()
 
 
 def bag_gemv_enabled(dtype: torch.dtype) -> bool:
     """The bag GEMV for bfloat16 CPU linears, unless ENGINE_SPLIT_GEMV=0 (packed only: the one
     switch for both one-row copies)."""
-    return dtype == torch.bfloat16 and os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0"
+    return dtype == torch.bfloat16 and one_row_copies_enabled()
 
 
 def default_linear_method(dtype: torch.dtype, device: torch.device) -> LinearMethod:

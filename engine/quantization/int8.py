@@ -50,6 +50,7 @@ from engine.models.cpu_gemm import (
     int8_bag_available,
     int8_bag_gemv,
     int8_bag_table,
+    one_row_copies_enabled,
     onednn_linear,
     pack_weight,
 )
@@ -171,7 +172,7 @@ class Int8LinearMethod(LinearMethod):
 def _one_row_bag_enabled() -> bool:
     """The int8 bag GEMV's table, unless ENGINE_SPLIT_GEMV=0 (the switch for every one-row
     copy of the weights, as for float32's split GEMV and bfloat16's bag GEMV)."""
-    return os.environ.get("ENGINE_SPLIT_GEMV", "1") != "0" and int8_bag_available()
+    return one_row_copies_enabled() and int8_bag_available()
 
 
 def _row_absmax(layer: Linear) -> torch.Tensor | None:
