@@ -213,8 +213,11 @@ def build_plan(
             valid_tokens = token.reshape(-1)[real].to(device)
         single = n == 1 and q_max == 1 and sliding_window is None
         single_len = seq_lens[rows[0]] if single else None
-        fresh = all(seq_lens[i] == q_lens[i] for i in rows)
-        causal = fresh and sliding_window is None and q_max >= CAUSAL_MIN_QUERY
+        causal = (  # long enough and no window, then every request a fresh prompt
+            q_max >= CAUSAL_MIN_QUERY
+            and sliding_window is None
+            and all(seq_lens[i] == q_lens[i] for i in rows)
+        )
         value_rows = bag_offsets = None
         if q_max == 1 and num_kv_heads is not None and num_kv_heads <= MAX_DECODE_KV_HEADS:
             seq = m_max * block_size
