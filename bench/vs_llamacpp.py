@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import importlib.util
 import io
@@ -355,7 +356,8 @@ def measure_type(kind: str, model_dir: Path, args: argparse.Namespace, work: Pat
     )
 
 
-def hf_config(model_dir: Path) -> Any:  # a transformers PretrainedConfig
+@functools.lru_cache(maxsize=8)
+def hf_config(model_dir: Path) -> Any:  # a transformers PretrainedConfig, read once per run
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir)
