@@ -25,8 +25,19 @@ For each type it measures, one system at a time (nothing else should run on the 
   same prompts (~`--input-len` words, `--output-len` tokens, greedy, ignore_eos) at each
   `--concurrency`; output tokens/s.
 
+Interleaved rounds (`--rounds`, default 4): both servers stay up (an idle one uses no CPU) and
+the offline engine stays loaded, and each round measures every row on both systems back to back,
+llama.cpp first in even rounds and the engine first in odd ones (an even count balances the
+order). The memory bandwidth of the VMs this runs on moves by a third within minutes, so a ratio
+of two figures taken minutes apart says more about the machine than about the systems; a paired
+ratio within one round does not. Each row prints both systems' medians over the rounds and the
+median of the per-round ratios, with their range.
+
 It prints every row with the ratio engine / llama.cpp, and the engine server at concurrency 1 as a
-fraction of the engine's own offline batch-1 speed.
+fraction of the engine's own offline batch-1 speed, with that fraction's ceiling: a request at
+concurrency 1 waits for its prompt's prefill before its first token, so even a server that decodes
+at the offline speed and prefills at the GEMM rate (the prompt's FLOPs, below) delivers
+O / (prefill_s x offline_tok_s + O - 1) of the offline rate (O output tokens per request).
 
 Hardware bounds, measured in the same run (before and after the systems; the higher figure of
 each counts, as in bench/throughput.py): the memory read bandwidth (a streaming `sum` over 512
@@ -59,7 +70,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -179,25 +190,33 @@ def llama_bench_tps(bin_dir: Path, gguf: Path, n: int, threads: int) -> float:
     return float(json.loads(result.stdout)[0]["avg_ts"])
 
 
-def engine_offline_tps(engine_kwargs: dict, n: int, prompt_len: int) -> float:
-    """Decode tokens/s of one request: 1 / the median `LLMEngine.step()` after its prefill."""
-    from engine import EngineArgs, LLMEngine, SamplingParams
+class OfflineEngine:
+    """The engine for the offline batch-1 rows, loaded once per type and kept for every round."""
 
-    engine = LLMEngine(EngineArgs(**engine_kwargs, max_num_seqs=8))
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    prompt = [(17 * i + 5) % 1000 + 10 for i in range(prompt_len)]
-    step_times: list[float] = []
-    for run in range(2):  # the first run warms up
-        engine.add_request(f"r{run}", prompt, params)
-        engine.step()  # the prompt, and the first token
-        while engine.has_unfinished_requests():
+    def __init__(self, engine_kwargs: dict, n: int, prompt_len: int) -> None:
+        from engine import EngineArgs, LLMEngine, SamplingParams
+
+        self.engine = LLMEngine(EngineArgs(**engine_kwargs, max_num_seqs=8))
+        self.params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        self.prompt = [(17 * i + 5) % 1000 + 10 for i in range(prompt_len)]
+        self.runs = 0
+        self.tps()  # warm-up
+
+    def tps(self) -> float:
+        """Decode tokens/s of one request: 1 / the median `LLMEngine.step()` after its prefill."""
+        self.runs += 1
+        self.engine.add_request(f"r{self.runs}", self.prompt, self.params)
+        self.engine.step()  # the prompt, and the first token
+        step_times: list[float] = []
+        while self.engine.has_unfinished_requests():
             start = time.perf_counter()
-            engine.step()
-            if run:
-                step_times.append(time.perf_counter() - start)
-    del engine
-    gc.collect()
-    return 1.0 / statistics.median(step_times)
+            self.engine.step()
+            step_times.append(time.perf_counter() - start)
+        return 1.0 / statistics.median(step_times)
+
+    def close(self) -> None:
+        del self.engine
+        gc.collect()
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -242,26 +261,36 @@ class LevelStats:
     output_tokens: int
 
 
-def serve_levels(url: str, args: argparse.Namespace) -> dict[int, LevelStats]:
-    """Each concurrency level's output tokens/s and token counts, from bench/serve.py (one call
-    per level)."""
+def serve_level(url: str, concurrency: int, args: argparse.Namespace) -> LevelStats:
+    """One concurrency level through bench/serve.py: output tokens/s and the work done (the same
+    prompts for every system and round: the seed is the concurrency)."""
     sys.path.insert(0, str(BENCH_DIR))
     import serve
 
-    rates: dict[int, LevelStats] = {}
-    for concurrency in args.concurrency:
-        num = max(args.min_prompts, args.prompts_per_slot * concurrency)
-        argv = ["--base-url", url, "--concurrency", str(concurrency), "--num-prompts", str(num)]
-        argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
-        argv += ["--seed", str(concurrency)]
-        with contextlib.redirect_stdout(io.StringIO()):  # serve.py's own table: not needed here
-            (level,) = serve.main(argv)
-        if level.num_failed:
-            raise SystemExit(f"{level.num_failed} requests failed at {url}: {level.errors}")
-        rates[concurrency] = LevelStats(
-            level.output_throughput, level.num_ok, level.prompt_tokens, level.output_tokens
-        )
-    return rates
+    num = max(args.min_prompts, args.prompts_per_slot * concurrency)
+    argv = ["--base-url", url, "--concurrency", str(concurrency), "--num-prompts", str(num)]
+    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    argv += ["--seed", str(concurrency)]
+    with contextlib.redirect_stdout(io.StringIO()):  # serve.py's own table: not needed here
+        (level,) = serve.main(argv)
+    if level.num_failed:
+        raise SystemExit(f"{level.num_failed} requests failed at {url}: {level.errors}")
+    return LevelStats(
+        level.output_throughput, level.num_ok, level.prompt_tokens, level.output_tokens
+    )
+
+
+def prefill_ceiling(
+    level: LevelStats, offline_tps: float, cost: ModelCost, bounds: HardwareBounds
+) -> float:
+    """The most a server at concurrency 1 can deliver as a fraction of the offline batch-1 rate:
+    each request's prefill (its prompt's FLOPs at the GEMM rate) comes before its first token,
+    then O - 1 decode steps at the offline speed: O / (prefill_s x offline_tps + O - 1)."""
+    n = level.num_requests
+    prompt = round(level.prompt_tokens / n)
+    output = round(level.output_tokens / n)
+    prefill_s = cost.flops(prompt, 1, attended_keys(prompt, 1)) / bounds.gemm_flops
+    return output / (prefill_s * offline_tps + output - 1)
 
 
 def offline_bound_tps(weight_bytes: int, bounds: HardwareBounds) -> float:
@@ -289,14 +318,65 @@ def serve_bound_tps(
 
 
 @dataclass(slots=True)
-class TypeResult:
-    kind: str
-    engine_source: str
+class RoundResult:
+    """One round: every row on both systems, measured back to back."""
+
     llama_offline: float
     engine_offline: float
     llama_serve: dict[int, LevelStats]
     engine_serve: dict[int, LevelStats]
+
+
+@dataclass(slots=True)
+class Paired:
+    """One row over the rounds: each system's median and the median of the per-round ratios
+    engine / llama.cpp (paired within a round, so the machine's drift between rounds cancels)."""
+
+    llama: float
+    engine: float
+    ratio: float
+    ratio_min: float
+    ratio_max: float
+
+    @classmethod
+    def of(cls, llama: list[float], engine: list[float]) -> Paired:
+        ratios = [e / m for m, e in zip(llama, engine, strict=True)]
+        return cls(
+            statistics.median(llama),
+            statistics.median(engine),
+            statistics.median(ratios),
+            min(ratios),
+            max(ratios),
+        )
+
+
+@dataclass(slots=True)
+class TypeResult:
+    kind: str
+    engine_source: str
     weight_bytes: int  # read per decoded token at batch 1 (see offline_bound_tps)
+    rounds: list[RoundResult]
+
+    def offline(self) -> Paired:
+        return Paired.of(
+            [r.llama_offline for r in self.rounds], [r.engine_offline for r in self.rounds]
+        )
+
+    def serve(self, concurrency: int) -> Paired:
+        return Paired.of(
+            [r.llama_serve[concurrency].output_tps for r in self.rounds],
+            [r.engine_serve[concurrency].output_tps for r in self.rounds],
+        )
+
+    def engine_level(self, concurrency: int) -> LevelStats:
+        """The level's work (the same prompts every round), from the first round."""
+        return self.rounds[0].engine_serve[concurrency]
+
+    def server_fraction(self, concurrency: int) -> float:
+        """Median over the rounds of the engine server's rate / its offline rate that round."""
+        return statistics.median(
+            r.engine_serve[concurrency].output_tps / r.engine_offline for r in self.rounds
+        )
 
 
 def engine_kwargs_for(kind: str, model_dir: Path, gguf: Path, args: argparse.Namespace) -> dict:
@@ -321,39 +401,68 @@ def measure_type(kind: str, model_dir: Path, args: argparse.Namespace, work: Pat
     kwargs = engine_kwargs_for(kind, model_dir, gguf, args)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
-    print(f"[{kind}] llama-bench tg{args.output_len} ...", flush=True)
-    llama_offline = llama_bench_tps(bin_dir, gguf, args.output_len, args.threads)
-    print(f"[{kind}] engine offline batch-1 ({kwargs}) ...", flush=True)
-    engine_offline = engine_offline_tps(kwargs, args.output_len, args.offline_prompt_len)
-
     slots = max(args.concurrency)
     ctx = slots * (2 * args.input_len + args.output_len + 64)
-    port = free_port()
+    llama_port, engine_port = free_port(), free_port()
     llama_cmd = [str(bin_dir / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1"]
-    llama_cmd += ["--port", str(port), "-t", str(args.threads), "-np", str(slots), "-c", str(ctx)]
-    llama_cmd += ["--no-webui"]
-    print(f"[{kind}] llama-server ...", flush=True)
-    with running(llama_cmd, port, work / f"llama-server.{kind}.log", env) as url:
-        llama_serve = serve_levels(url, args)
-
-    port = free_port()
+    llama_cmd += ["--port", str(llama_port), "-t", str(args.threads), "-np", str(slots)]
+    llama_cmd += ["-c", str(ctx), "--no-webui"]
     engine_cmd = [sys.executable, "-m", "engine.server", *server_flags(kwargs)]
-    engine_cmd += ["--host", "127.0.0.1", "--port", str(port), "--max-num-seqs", str(slots)]
-    print(f"[{kind}] engine server ...", flush=True)
-    with running(engine_cmd, port, work / f"engine-server.{kind}.log", env) as url:
-        engine_serve = serve_levels(url, args)
+    engine_cmd += ["--host", "127.0.0.1", "--port", str(engine_port)]
+    engine_cmd += ["--max-num-seqs", str(slots)]
+    print(f"[{kind}] starting llama-server and the engine server ({kwargs}) ...", flush=True)
+    offline = OfflineEngine(kwargs, args.output_len, args.offline_prompt_len)
+    rounds: list[RoundResult] = []
+    try:
+        with (
+            running(llama_cmd, llama_port, work / f"llama-server.{kind}.log", env) as llama_url,
+            running(engine_cmd, engine_port, work / f"engine-server.{kind}.log", env) as eng_url,
+        ):
+            for index in range(args.rounds):
+                engine_first = index % 2 == 1
+                both = functools.partial(in_order, engine_first)
+                order = "engine first" if engine_first else "llama.cpp first"
+                print(f"[{kind}] round {index + 1}/{args.rounds} ({order}) ...", flush=True)
+                llama_off, engine_off = both(
+                    lambda: llama_bench_tps(bin_dir, gguf, args.output_len, args.threads),
+                    offline.tps,
+                )
+                llama_serve: dict[int, LevelStats] = {}
+                engine_serve: dict[int, LevelStats] = {}
+                for c in args.concurrency:
+                    llama_serve[c], engine_serve[c] = both(
+                        functools.partial(serve_level, llama_url, c, args),
+                        functools.partial(serve_level, eng_url, c, args),
+                    )
+                rounds.append(RoundResult(llama_off, engine_off, llama_serve, engine_serve))
+                print(f"[{kind}] round {index + 1}: {round_summary(rounds[-1])}", flush=True)
+    finally:
+        offline.close()
     source = Path(kwargs["model"]).name + (
         f" --quantization {q}" if (q := kwargs.get("quantization")) else ""
     )
-    return TypeResult(
-        kind,
-        source,
-        llama_offline,
-        engine_offline,
-        llama_serve,
-        engine_serve,
-        weight_bytes(kind, model_dir, gguf),
-    )
+    return TypeResult(kind, source, weight_bytes(kind, model_dir, gguf), rounds)
+
+
+def in_order(
+    engine_first: bool, llama_fn: Callable[[], Any], engine_fn: Callable[[], Any]
+) -> tuple[Any, Any]:
+    """(llama.cpp's value, the engine's), measured in the round's order."""
+    if engine_first:
+        engine_value = engine_fn()
+        return llama_fn(), engine_value
+    llama_value = llama_fn()
+    return llama_value, engine_fn()
+
+
+def round_summary(r: RoundResult) -> str:
+    """One line per round: each row's engine / llama.cpp ratio."""
+    parts = [f"offline {r.engine_offline / r.llama_offline:.2f}x"]
+    parts += [
+        f"c{c} {r.engine_serve[c].output_tps / r.llama_serve[c].output_tps:.2f}x"
+        for c in r.llama_serve
+    ]
+    return ", ".join(parts)
 
 
 @functools.lru_cache(maxsize=8)
@@ -380,45 +489,47 @@ def report(
     bounds: HardwareBounds,
     cost: ModelCost,
 ) -> str:
-    """The table: both systems, their ratio, and each row's hardware bound (offline rows of every
-    type, serving rows of f32) with the bound's ratio to llama.cpp and the engine's to the bound."""
+    """The table: both systems (medians over the rounds), the median per-round ratio and its
+    range, and each row's hardware bound (offline rows of every type, serving rows of f32) with
+    the bound's ratio to llama.cpp and the engine's to the bound."""
     rows = []
     for r in results:
         offline_bound = offline_bound_tps(r.weight_bytes, bounds)
-        rows.append(
-            _row(
-                r.kind,
-                f"offline batch-1 (tg{args.output_len})",
-                r.llama_offline,
-                r.engine_offline,
-                offline_bound,
-            )
-        )
+        label = f"offline batch-1 (tg{args.output_len})"
+        rows.append(_row(r.kind, label, r.offline(), offline_bound))
         for c in args.concurrency:
-            engine = r.engine_serve[c]
             bound = None
             if r.kind == "f32":
-                bound = serve_bound_tps(engine, c, cost, r.weight_bytes, bounds)
-            label = f"server, concurrency {c}"
-            rows.append(_row(r.kind, label, r.llama_serve[c].output_tps, engine.output_tps, bound))
-    headers = ["type", "output tok/s", "llama.cpp", "engine", "engine / llama.cpp"]
+                bound = serve_bound_tps(r.engine_level(c), c, cost, r.weight_bytes, bounds)
+            rows.append(_row(r.kind, f"server, concurrency {c}", r.serve(c), bound))
+    headers = ["type", "output tok/s", "llama.cpp", "engine", "engine / llama.cpp", "range"]
     headers += ["bound", "bound / llama.cpp", "engine / bound"]
-    lines = [bounds.describe(), format_table(headers, rows), ""]
+    rounds = len(results[0].rounds) if results else 0
+    lines = [
+        bounds.describe(),
+        f"medians of {rounds} interleaved rounds; the ratio is the median of the per-round "
+        "ratios, the range their lowest and highest",
+        format_table(headers, rows),
+        "",
+    ]
     for r in results:
         first = min(args.concurrency)
+        ceiling = prefill_ceiling(r.engine_level(first), r.offline().engine, cost, bounds)
         lines.append(
             f"[{r.kind}] engine: {r.engine_source}; engine server at concurrency {first} = "
-            f"{r.engine_serve[first].output_tps / r.engine_offline:.0%} of its offline batch-1 "
-            f"speed; weights read per batch-1 token {r.weight_bytes / 1e6:.0f} MB"
+            f"{r.server_fraction(first):.0%} of its offline batch-1 speed (ceiling "
+            f"{ceiling:.0%}: the prompts' prefill at the GEMM rate); weights read per batch-1 "
+            f"token {r.weight_bytes / 1e6:.0f} MB"
         )
     return "\n".join(lines)
 
 
-def _row(kind: str, label: str, llama: float, engine: float, bound: float | None) -> list:
-    row = [kind, label, llama, engine, f"{engine / llama:.2f}x"]
+def _row(kind: str, label: str, paired: Paired, bound: float | None) -> list:
+    row = [kind, label, paired.llama, paired.engine, f"{paired.ratio:.2f}x"]
+    row.append(f"{paired.ratio_min:.2f}-{paired.ratio_max:.2f}x")
     if bound is None:
         return [*row, "-", "-", "-"]
-    return [*row, bound, f"{bound / llama:.2f}x", f"{engine / bound:.0%}"]
+    return [*row, bound, f"{bound / paired.llama:.2f}x", f"{paired.engine / bound:.0%}"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -443,6 +554,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="for quantized types: load llama.cpp's GGUF, or quantize the checkpoint",
     )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 32])
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="interleaved rounds (each measures every row on both systems back to back; "
+        "the order alternates, so an even count balances it)",
+    )
     p.add_argument("--input-len", type=int, default=128, help="prompt length in words (~tokens)")
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--offline-prompt-len", type=int, default=8)
@@ -468,6 +586,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.input_len = 32
         args.min_prompts = 4
         args.prompts_per_slot = 1
+        args.rounds = 2
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     args.llama_cpp = args.llama_cpp.resolve()
     return args
 
