@@ -170,3 +170,10 @@ def test_prefill_ceiling_of_the_server_at_concurrency_1(vs, common):
     # A free prefill leaves O / (O - 1): the first token comes with the prompt.
     free = _bounds(common, 1e30, 1e10)
     assert vs.prefill_ceiling(level, 50.0, cost, free) == pytest.approx(10 / 9)
+
+
+def test_every_round_and_level_gets_its_own_prompts(vs):
+    """Both servers cache prompts they have seen: a round must not resend an earlier one's."""
+    seeds = [vs.level_seed(c, r) for r in range(8) for c in (1, 2, 4, 8, 16, 32, 64, 128)]
+    assert len(set(seeds)) == len(seeds)
+    assert vs.level_seed(4, 0) != vs.level_seed(4, 1)
