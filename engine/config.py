@@ -264,6 +264,13 @@ class EngineArgs:
     # Tensor parallelism (vLLM's name): the model sharded over this many ranks
     # (engine/distributed); 1 runs in this process alone.
     tensor_parallel_size: int = 1
+    # vLLM's --generation-config: "auto" (the model's generation_config.json sets the default
+    # sampling fields of requests that set none), "vllm" (plain defaults) or a folder holding a
+    # generation_config.json to read instead (engine/generation_defaults.py has the rules).
+    generation_config: str = "auto"
+    # vLLM's --override-generation-config: sampling keys (temperature, top_p, top_k, min_p,
+    # repetition_penalty, max_new_tokens) merged over the generation config; a dict or JSON text.
+    override_generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -300,6 +307,11 @@ class EngineArgs:
 
         processors = validate_logits_processors(self.logits_processors)
         object.__setattr__(self, "logits_processors", processors)
+        from engine.generation_defaults import check_generation_config, check_override
+
+        check_generation_config(self.generation_config)
+        override = check_override(self.override_generation_config)
+        object.__setattr__(self, "override_generation_config", override)
 
     def replace(self, **changes: Any) -> EngineArgs:
         return dataclasses.replace(self, **changes)

@@ -35,6 +35,11 @@ from engine.cpu_malloc import tune_cpu_allocator
 from engine.distributed.executor import TensorParallelExecutor, TensorParallelModel
 from engine.distributed.parallel_state import model_parallel
 from engine.fast.registry import get_attention_backend
+from engine.generation_defaults import (
+    GenerationDefaults,
+    load_generation_defaults,
+    log_generation_defaults,
+)
 from engine.kv_cache import (
     CudaMemoryBaseline,
     allocate_kv_cache,
@@ -108,6 +113,12 @@ class LLMEngine:
         self.args = args
         self.model_config = args.create_model_config()
         self.scheduler_config = args.create_scheduler_config(self.model_config)
+        # Default sampling fields from the model's generation config (vLLM's
+        # --generation-config): LLM.generate without params and the server's requests use them.
+        self.generation_defaults: GenerationDefaults = load_generation_defaults(
+            self.model_config.model_path, args.generation_config, args.override_generation_config
+        )
+        log_generation_defaults(self.generation_defaults, args.generation_config)
         if self.model_config.device.type == "cpu":
             tune_cpu_allocator()  # before the first weights and activations are allocated
         # On CUDA the cache gets what the weights and a dummy step leave: measured from here.
@@ -590,20 +601,29 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the defaults of the model's generation config (the fields
+        generation_config.json sets, with override_generation_config merged over; plain
+        defaults with generation_config="vllm"). `generate` and `chat` use it when given no
+        sampling params (vLLM's method; engine/generation_defaults.py has the rules)."""
+        return self.llm_engine.generation_defaults.sampling_params()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Generates for every prompt; returns one RequestOutput per prompt, in input order."""
+        """Generates for every prompt; returns one RequestOutput per prompt, in input order.
+        Without sampling_params, `get_default_sampling_params()` (the model's generation-config
+        defaults); given ones are used as they are."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]  # a single prompt
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:

@@ -5,8 +5,10 @@ machinery is real). Engine flags use vLLM's names. `--attention-backend` and the
 `--speculative-config` method take registered plug-in names (modules listed in $ENGINE_PLUGINS
 are imported first) or `package.module:Factory` references. `--logits-processors` takes
 `package.module:Class` references of custom logits processors (engine/logits_process.py), and
-`--extra-args` the JSON object every prompt's `SamplingParams.extra_args` gets. The backend in
-use, and with speculation the drafts and acceptance, are logged to stderr.
+`--extra-args` the JSON object every prompt's `SamplingParams.extra_args` gets. A sampling flag
+not given takes the model's generation-config default (`--generation-config`,
+`--override-generation-config`, as the server's), else this tool's (greedy, 32 tokens). The
+backend in use, and with speculation the drafts and acceptance, are logged to stderr.
 """
 
 from __future__ import annotations
@@ -61,10 +63,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="JSON object for SamplingParams.extra_args (logits processors), e.g. '{\"ban\": 7}'",
     )
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument(
+        "--generation-config",
+        default="auto",
+        help='"auto": the model\'s generation_config.json sets the sampling defaults; "vllm": '
+        "this tool's own; or a folder holding a generation_config.json",
+    )
+    p.add_argument(
+        "--override-generation-config",
+        default=None,
+        help="JSON merged over the generation config, e.g. '{\"temperature\": 0.5}'",
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the model's, else 32")
+    p.add_argument("--temperature", type=float, default=None, help="default: the model's, else 0")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's, else 1")
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's, else -1")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     return p.parse_args(argv)
 
@@ -86,17 +99,13 @@ def main(argv: list[str] | None = None) -> int:
             quantization=args.quantization,
             logits_processors=args.logits_processors,
             tensor_parallel_size=args.tensor_parallel_size,
+            generation_config=args.generation_config,
+            override_generation_config=args.override_generation_config,
         )
         engine = llm.llm_engine
         backend = getattr(engine.attention_backend, "name", type(engine.attention_backend).__name__)
         logger.info("attention backend: %s", backend)
-        params = SamplingParams(
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            max_tokens=args.max_tokens,
-            extra_args=_json_object("extra_args", args.extra_args),
-        )
+        params = sampling_params(llm, args)
         if args.chat:
             conversations = [[{"role": "user", "content": p}] for p in prompts]
             outputs = llm.chat(conversations, params)
@@ -128,6 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"--- prompt: {prompt!r}\n{completion.text!r} ({completion.finish_reason})")
     return 0
+
+
+# This tool's own defaults (greedy, 32 tokens), for the fields neither a flag nor the model's
+# generation config sets.
+_TOOL_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 32}
+
+
+def sampling_params(llm: LLM, args: argparse.Namespace) -> SamplingParams:
+    """The flags given, else the model's generation-config defaults, else _TOOL_DEFAULTS."""
+    fields = {**_TOOL_DEFAULTS, **llm.llm_engine.generation_defaults.fields}
+    for name in _TOOL_DEFAULTS:
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    return SamplingParams(**fields, extra_args=_json_object("extra_args", args.extra_args))
 
 
 def _json_object(name: str, text: str | None) -> dict | None:

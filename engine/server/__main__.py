@@ -51,6 +51,8 @@ ENGINE_FLAGS = (
     "quantization",
     "logits_processors",
     "tensor_parallel_size",
+    "generation_config",
+    "override_generation_config",
 )
 DEMO_MODEL_NAME = "demo"
 API_KEY_ENV = ("ENGINE_API_KEY", "VLLM_API_KEY")
@@ -145,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help='JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 3}\' or '
         '\'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 3}\'',
+    )
+    model.add_argument(
+        "--generation-config",
+        default=None,
+        help='"auto" (default): the model\'s generation_config.json sets the default sampling '
+        'fields of requests that set none; "vllm": plain defaults; or a folder holding a '
+        "generation_config.json to read instead",
+    )
+    model.add_argument(
+        "--override-generation-config",
+        default=None,
+        help="JSON merged over the generation config, e.g. '{\"temperature\": 0.5}' (keys: "
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)",
     )
 
     server = p.add_argument_group("server")

@@ -173,6 +173,8 @@ class OpenAIServer:
             template_workers=self.config.chat_template_workers,
         )
         self.model_names = self.config.served_model_names or (self.model_config.model,)
+        # Defaults of the sampling fields a request does not set (the model's generation config).
+        self.generation_defaults = engine.generation_defaults
         # The parser for tool_choice "auto" (None: such requests get vLLM's 400).
         self.auto_tool_parser: type[ToolParser] | None = None
         if self.config.enable_auto_tool_choice and self.config.tool_call_parser is not None:
@@ -438,7 +440,9 @@ class OpenAIServer:
 
     async def create_completion(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)
-        req = P.parse_completion_request(body, self.model_config.max_logprobs, self.limits)
+        req = P.parse_completion_request(
+            body, self.model_config.max_logprobs, self.limits, self.generation_defaults
+        )
         model = self._model_name(req.model)
         structured = await self._structured_outputs(body, chat=False)
         n = int(req.sampling.get("n", 1))
@@ -447,7 +451,12 @@ class OpenAIServer:
         echo_only = req.max_tokens == 0  # echo with max_tokens 0: return the prompt only
         params = []
         for _, token_ids in encoded:
-            max_tokens = P.check_length(len(token_ids), max(req.max_tokens, 1), self.max_model_len)
+            max_tokens = P.check_length(
+                len(token_ids),
+                max(req.max_tokens, 1),
+                self.max_model_len,
+                fit=req.max_tokens_from_config,
+            )
             sampling = {**req.sampling, "max_tokens": max_tokens, "logprobs": req.logprobs}
             if structured is not None:
                 sampling["structured_outputs"] = structured
@@ -473,13 +482,21 @@ class OpenAIServer:
 
     async def create_chat_completion(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_json(request)
-        req = P.parse_chat_request(body, self.model_config.max_logprobs, self.limits)
+        req = P.parse_chat_request(
+            body, self.model_config.max_logprobs, self.limits, self.generation_defaults
+        )
         model = self._model_name(req.model)
         tool_parser = self._tool_parser(req)
         structured = await self._structured_outputs(body, chat=True)
         token_ids = await self.inputs.render_chat(req)
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        max_tokens = P.check_length(len(token_ids), req.max_tokens, self.max_model_len, param)
+        max_tokens = P.check_length(
+            len(token_ids),
+            req.max_tokens,
+            self.max_model_len,
+            param,
+            fit=req.max_tokens_from_config,
+        )
         sampling = {
             **req.sampling,
             "max_tokens": max_tokens,

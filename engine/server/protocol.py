@@ -11,6 +11,11 @@ required / named become `SamplingParams.structured_outputs` through `engine.stru
 (`read_structured_outputs`, which the server runs off its event loop); `tools` and `tool_choice`
 are checked here with vLLM's defaults; `vllm_xargs` becomes `SamplingParams.extra_args`.
 
+Fields a request does not set (absent or null) take the server's `GenerationDefaults` (the
+model's generation config, engine/generation_defaults.py): temperature, top_p, top_k, min_p,
+repetition_penalty and max_tokens; a field the request sets keeps its value. max_tokens is also
+lowered to the defaults' bound, when there is one.
+
 Shapes follow OpenAI's spec (/v1/completions, /v1/chat/completions, their stream chunks) and vLLM's
 extensions (`stop_reason`, the extra sampling fields, `max_tokens: 0` with `echo`). Errors are
 `{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status, as vLLM sends them.
@@ -26,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from engine.generation_defaults import NO_DEFAULTS, GenerationDefaults
 from engine.request import Logprob
 from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.server.body_parser import BodyError, parse_json_object
@@ -399,24 +405,36 @@ class CompletionRequest:
     stream: bool
     stream_options: StreamOptions
     return_tokens_as_token_ids: bool
+    # max_tokens is the generation config's default (the body set none): lowered to the room
+    # the prompt leaves rather than refused (check_length's `fit`).
+    max_tokens_from_config: bool = False
 
 
 def parse_completion_request(
-    body: dict[str, Any], max_logprobs: int, limits: RequestLimits | None = None
+    body: dict[str, Any],
+    max_logprobs: int,
+    limits: RequestLimits | None = None,
+    defaults: GenerationDefaults = NO_DEFAULTS,
 ) -> CompletionRequest:
+    """A /v1/completions body; fields it does not set take `defaults` (module docstring)."""
     limits = limits or RequestLimits()
     common = _read_common(body)
     sampling = _read_sampling_fields(body, limits)  # n is bounded before the prompts are read
+    defaults.fill(sampling)
     prompts = _read_prompts(body, limits)
     if body.get("suffix") is not None:
         raise APIError("suffix is not supported", param="suffix")
     echo = get_field(body, "echo", "bool", False)
-    max_tokens = get_field(body, "max_tokens", "int", 16)
-    if max_tokens < 0 or (max_tokens == 0 and not echo):
+    max_tokens = get_field(body, "max_tokens", "int")
+    from_config = max_tokens is None and defaults.max_tokens is not None
+    if max_tokens is None:
+        max_tokens = defaults.max_tokens or 16  # OpenAI's default, 16
+    elif max_tokens < 0 or (max_tokens == 0 and not echo):
         raise APIError(
             f"max_tokens must be at least 1 (0 is allowed only with echo), got {max_tokens}",
             param="max_tokens",
         )
+    max_tokens = defaults.bound_max_tokens(max_tokens)
     logprobs = get_field(body, "logprobs", "int")
     if logprobs is not None and not 0 <= logprobs <= max_logprobs:
         raise APIError(
@@ -438,6 +456,7 @@ def parse_completion_request(
         stream=stream,
         stream_options=stream_options,
         return_tokens_as_token_ids=common["return_tokens_as_token_ids"],
+        max_tokens_from_config=from_config,
     )
 
 
@@ -502,6 +521,9 @@ class ChatRequest:
     # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}; absent:
     # "auto" with tools, else "none" (OpenAI's and vLLM's defaults).
     tool_choice: str | dict[str, Any] = "none"
+    # max_tokens is the generation config's default or bound, not the body's value: lowered to
+    # the room the prompt leaves rather than refused (check_length's `fit`).
+    max_tokens_from_config: bool = False
 
     @property
     def named_function(self) -> str | None:
@@ -510,11 +532,16 @@ class ChatRequest:
 
 
 def parse_chat_request(
-    body: dict[str, Any], max_logprobs: int, limits: RequestLimits | None = None
+    body: dict[str, Any],
+    max_logprobs: int,
+    limits: RequestLimits | None = None,
+    defaults: GenerationDefaults = NO_DEFAULTS,
 ) -> ChatRequest:
+    """A /v1/chat/completions body; fields it does not set take `defaults` (module docstring)."""
     limits = limits or RequestLimits()
     common = _read_common(body)
     sampling = _read_sampling_fields(body, limits)
+    defaults.fill(sampling)
     messages = _read_messages(body, limits)
     max_tokens = get_field(body, "max_completion_tokens", "int")
     if max_tokens is None:
@@ -522,6 +549,12 @@ def parse_chat_request(
     if max_tokens is not None and max_tokens < 1:
         param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         raise APIError(f"{param} must be at least 1, got {max_tokens}", param=param)
+    from_config = max_tokens is None and (
+        defaults.max_tokens is not None or defaults.max_tokens_cap is not None
+    )
+    if max_tokens is None:
+        max_tokens = defaults.max_tokens
+    max_tokens = defaults.bound_max_tokens(max_tokens)
     logprobs = get_field(body, "logprobs", "bool", False)
     top_logprobs = get_field(body, "top_logprobs", "int")
     if top_logprobs is not None:
@@ -568,6 +601,7 @@ def parse_chat_request(
         chat_template_kwargs=kwargs,
         tools=tools,
         tool_choice=tool_choice,
+        max_tokens_from_config=from_config,
     )
 
 
@@ -630,9 +664,15 @@ def _read_messages(body: dict[str, Any], limits: RequestLimits) -> list[dict[str
 
 
 def check_length(
-    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int, param: str = "max_tokens"
+    num_prompt_tokens: int,
+    max_tokens: int | None,
+    max_model_len: int,
+    param: str = "max_tokens",
+    fit: bool = False,
 ) -> int:
-    """The max_tokens to generate; a 400 when the prompt (plus max_tokens) does not fit."""
+    """The max_tokens to generate; a 400 when the prompt (plus max_tokens) does not fit. `fit`:
+    max_tokens is a server default (the generation config's), lowered to the room the prompt
+    leaves instead (a prompt that leaves no room is still a 400)."""
     if num_prompt_tokens >= max_model_len:
         raise APIError(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
@@ -642,6 +682,8 @@ def check_length(
         )
     if max_tokens is None:
         return max_model_len - num_prompt_tokens
+    if fit:
+        return min(max_tokens, max_model_len - num_prompt_tokens)
     if num_prompt_tokens + max_tokens > max_model_len:
         raise APIError(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
