@@ -235,13 +235,12 @@ def test_protocol_fills_absent_fields_and_keeps_explicit_ones():
     )
     base = {"prompt": "x"}
     req = P.parse_completion_request(base, 5, defaults=defaults)
-    assert req.sampling == {"temperature": 0.0, "top_k": 5} and req.max_tokens == 7
-    assert req.max_tokens_from_config
+    # A completion without max_tokens keeps OpenAI's 16 (vLLM's too): max_new_tokens is chat's.
+    assert req.sampling == {"temperature": 0.0, "top_k": 5} and req.max_tokens == 16
     # Set explicitly, even to the plain default value: the request's value. null: the default.
     body = {**base, "temperature": 1.0, "top_k": None, "max_tokens": 30}
     req = P.parse_completion_request(body, 5, defaults=defaults)
     assert req.sampling == {"temperature": 1.0, "top_k": 5} and req.max_tokens == 30
-    assert not req.max_tokens_from_config
     chat = P.parse_chat_request({"messages": CHAT, "top_k": -1}, 5, defaults=defaults)
     assert chat.sampling == {"temperature": 0.0, "top_k": -1} and chat.max_tokens == 7
     # A bound lowers explicit values too; chat without max_tokens gets the bound.
@@ -306,17 +305,19 @@ def gen_server(gen_path):
 
 def test_server_completions_take_the_files_defaults(gen_server, plain):
     url = gen_server.url
-    got = completion(url)
-    assert got["usage"]["completion_tokens"] == 12  # max_new_tokens, not OpenAI's 16
+    got = completion(url, max_tokens=12)
     want = text(plain, PROMPT, temperature=0, repetition_penalty=1.5, max_tokens=12)
     assert got["choices"][0]["text"] == want
-    assert completion(url, top_k=None)["choices"][0]["text"] == want  # null: the default
+    null_top_k = completion(url, top_k=None, max_tokens=12)  # null: the default
+    assert null_top_k["choices"][0]["text"] == want
     # A field set in the body wins, even at the plain default value.
-    no_penalty = completion(url, repetition_penalty=1.0)["choices"][0]["text"]
+    no_penalty = completion(url, repetition_penalty=1.0, max_tokens=12)["choices"][0]["text"]
     assert no_penalty == text(plain, PROMPT, temperature=0, max_tokens=12) != want
-    sampled = completion(url, top_k=-1, seed=3)["choices"][0]["text"]
+    sampled = completion(url, top_k=-1, seed=3, max_tokens=12)["choices"][0]["text"]
     assert sampled == text(plain, PROMPT, seed=3, repetition_penalty=1.5, max_tokens=12) != want
-    # The model's own file sets a default, not a bound.
+    # max_new_tokens (12) is chat's default: a completion without max_tokens keeps OpenAI's 16
+    # (as vLLM's does), and the model's own file sets no bound.
+    assert completion(url, ignore_eos=True)["usage"]["completion_tokens"] == 16
     longer = completion(url, max_tokens=20, ignore_eos=True)
     assert longer["usage"]["completion_tokens"] == 20
 
@@ -341,9 +342,10 @@ def test_server_max_tokens_errors_still_work(gen_server):
     assert status == 400 and data["error"]["param"] == "max_tokens"
     status, data = post(url, "/v1/completions", {"prompt": [5] * 250, "max_tokens": 10})
     assert status == 400 and "maximum context length" in data["error"]["message"]
-    # A default larger than the room the prompt leaves is lowered, not refused.
-    got = completion(url, prompt=[5] * 250, ignore_eos=True)
-    assert got["usage"]["completion_tokens"] == 6
+    # OpenAI's 16 for a completion is the request's own default: refused as before when the
+    # prompt leaves less room (the generation config's defaults are lowered instead: below).
+    status, data = post(url, "/v1/completions", {"prompt": [5] * 250})
+    assert status == 400 and "maximum context length" in data["error"]["message"]
 
 
 def test_server_path_mode_bounds_max_tokens(llama_path, plain, tmp_path):
@@ -371,13 +373,14 @@ def test_server_vllm_mode_with_override(gen_path, plain):
     with serve(args) as thread:
         sampled = completion(thread.url, seed=3, max_tokens=12)
         bounded = completion(thread.url, prompt=[5, 6], max_tokens=61, ignore_eos=True)
-        fitted = completion(thread.url, prompt=[5] * 20, ignore_eos=True)
+        plain_default = completion(thread.url, prompt=[5] * 20, ignore_eos=True)
         chat_default = chat(thread.url, ignore_eos=True)
     assert sampled["choices"][0]["text"] == text(plain, PROMPT, seed=3, max_tokens=12)
     assert bounded["usage"]["completion_tokens"] == 60
-    assert fitted["usage"]["completion_tokens"] == 44  # 64 - 20: lowered to fit
+    assert plain_default["usage"]["completion_tokens"] == 16  # a completion's own default
+    # Chat's default (60) is larger than the room the prompt leaves: lowered to fit.
     room = 64 - chat_default["usage"]["prompt_tokens"]
-    assert chat_default["usage"]["completion_tokens"] == min(60, room)
+    assert room < 60 and chat_default["usage"]["completion_tokens"] == room
 
 
 # ---- command lines -----------------------------------------------------------------------------

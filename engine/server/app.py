@@ -451,12 +451,7 @@ class OpenAIServer:
         echo_only = req.max_tokens == 0  # echo with max_tokens 0: return the prompt only
         params = []
         for _, token_ids in encoded:
-            max_tokens = P.check_length(
-                len(token_ids),
-                max(req.max_tokens, 1),
-                self.max_model_len,
-                fit=req.max_tokens_from_config,
-            )
+            max_tokens = P.check_length(len(token_ids), max(req.max_tokens, 1), self.max_model_len)
             sampling = {**req.sampling, "max_tokens": max_tokens, "logprobs": req.logprobs}
             if structured is not None:
                 sampling["structured_outputs"] = structured

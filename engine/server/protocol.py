@@ -13,8 +13,9 @@ are checked here with vLLM's defaults; `vllm_xargs` becomes `SamplingParams.extr
 
 Fields a request does not set (absent or null) take the server's `GenerationDefaults` (the
 model's generation config, engine/generation_defaults.py): temperature, top_p, top_k, min_p,
-repetition_penalty and max_tokens; a field the request sets keeps its value. max_tokens is also
-lowered to the defaults' bound, when there is one.
+repetition_penalty, and for chat max_tokens (a completion without max_tokens keeps OpenAI's 16,
+as vLLM's does); a field the request sets keeps its value. max_tokens is also lowered to the
+defaults' bound, when there is one.
 
 Shapes follow OpenAI's spec (/v1/completions, /v1/chat/completions, their stream chunks) and vLLM's
 extensions (`stop_reason`, the extra sampling fields, `max_tokens: 0` with `echo`). Errors are
@@ -405,9 +406,6 @@ class CompletionRequest:
     stream: bool
     stream_options: StreamOptions
     return_tokens_as_token_ids: bool
-    # max_tokens is the generation config's default (the body set none): lowered to the room
-    # the prompt leaves rather than refused (check_length's `fit`).
-    max_tokens_from_config: bool = False
 
 
 def parse_completion_request(
@@ -425,11 +423,10 @@ def parse_completion_request(
     if body.get("suffix") is not None:
         raise APIError("suffix is not supported", param="suffix")
     echo = get_field(body, "echo", "bool", False)
-    max_tokens = get_field(body, "max_tokens", "int")
-    from_config = max_tokens is None and defaults.max_tokens is not None
-    if max_tokens is None:
-        max_tokens = defaults.max_tokens or 16  # OpenAI's default, 16
-    elif max_tokens < 0 or (max_tokens == 0 and not echo):
+    # OpenAI's default, 16, as vLLM's completions keep it: the generation config's
+    # max_new_tokens is the default of chat requests only (its bound applies to both).
+    max_tokens = get_field(body, "max_tokens", "int", 16)
+    if max_tokens < 0 or (max_tokens == 0 and not echo):
         raise APIError(
             f"max_tokens must be at least 1 (0 is allowed only with echo), got {max_tokens}",
             param="max_tokens",
@@ -456,7 +453,6 @@ def parse_completion_request(
         stream=stream,
         stream_options=stream_options,
         return_tokens_as_token_ids=common["return_tokens_as_token_ids"],
-        max_tokens_from_config=from_config,
     )
 
 
