@@ -5,8 +5,9 @@ What it proves: the openai SDK gets, through Ray Serve's proxy, the same streame
 non-streamed answers as from `engine.server` directly; requests sharing a prompt prefix land on
 the replica the routing policy names for it (and different prefixes spread over both); /metrics
 holds both replicas' series; a client that disconnects mid-stream has its request aborted on the
-replica; and when a replica's actor is killed, its in-flight non-streamed request is answered by
-the other replica, its stream ends with an error event, and every later request is answered.
+replica, and no hang-up leaves an unretrieved exception in the ingress replica's log; and when a
+replica's actor is killed, its in-flight non-streamed request is answered by the other replica,
+its stream ends with an error event, and every later request is answered.
 """
 
 from __future__ import annotations
@@ -238,30 +239,54 @@ def test_metrics_hold_every_replica(served):
         assert all(s.labels["model_name"] == MODEL for s in families[name])
 
 
+def _ingress_stderr() -> str:
+    """What this module's ingress replica wrote to stderr (its worker's .err file, where
+    asyncio reports an exception that no one retrieved)."""
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    header = f":actor_name:ServeReplica:{APP}:OpenAIIngress"
+    texts = [p.read_text(errors="replace") for p in sorted(logs.glob("worker-*.err"))]
+    return "".join(t for t in texts if header in t)
+
+
 def test_a_client_that_disconnects_mid_stream_aborts_on_the_replica(served):
+    """Clients that hang up after the first event have their requests aborted on the replica;
+    neither they nor clients that hang up at `data: [DONE]` (before the response's end) leave
+    an exception in the ingress replica's log ("Task exception was never retrieved": Serve's
+    cancelled receive call once escaped the streaming response)."""
+    hang_ups = 6
+
     def aborted() -> float:
         samples = _metrics(served)["vllm:request_success"]
         return sum(s.value for s in samples if s.labels["finished_reason"] == "abort")
 
     before = aborted()
 
-    async def read_a_little() -> None:
-        body = {"model": MODEL, "prompt": "Count: ", "max_tokens": 400, "ignore_eos": True,
-                "stream": True}  # fmt: skip
+    async def hang_up(at_done: bool) -> None:
+        body = {"model": MODEL, "prompt": "Count: ", "max_tokens": 3 if at_done else 400,
+                "ignore_eos": True, "stream": True}  # fmt: skip
         async with (
             aiohttp.ClientSession() as session,
             session.post(served + "/v1/completions", json=body) as response,
         ):
             assert response.status == 200
-            await response.content.readline()  # the first event, then hang up
+            line = await response.content.readline()  # the first event
+            while at_done and line != b"data: [DONE]\n":
+                line = await response.content.readline()
 
-    asyncio.run(read_a_little())
+    async def clients() -> None:
+        for _ in range(hang_ups):
+            await hang_up(at_done=False)
+            await hang_up(at_done=True)
+
+    asyncio.run(clients())
     deadline = time.monotonic() + 30
-    while aborted() < before + 1:
-        assert time.monotonic() < deadline, "the request was not aborted on the replica"
+    while aborted() < before + hang_ups:
+        assert time.monotonic() < deadline, "the requests were not aborted on the replica"
         time.sleep(0.2)
     running = _metrics(served)["vllm:num_requests_running"]
     assert all(s.value == 0 for s in running)
+    time.sleep(1)  # asyncio reports an unretrieved exception when its task is collected
+    assert "never retrieved" not in _ingress_stderr()
 
 
 def test_replicas_bench_quick(served, model_path, capsys, monkeypatch):

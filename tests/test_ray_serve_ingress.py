@@ -1,15 +1,17 @@
 """The Ray Serve ingress and replica classes in-process (no cluster; Ray must be installed).
 
 The ingress against a stand-in for the engine deployment's handle: body limit, retries when a
-replica dies before answering, the SSE error event when it dies mid-stream, cancelling the replica
-call on disconnect, route prefixes, and /metrics (merge, a replica's 401 passed through, dead
-replicas skipped). The replica with a real engine: JSON answers whole in the head, SSE in chunks,
-its thread count, health, shutdown."""
+replica dies before answering, the SSE error event (and a warning) when it dies mid-stream,
+cancelling the replica call on disconnect, a disconnect that Serve delivers as a cancelled
+`receive()` (mid-stream or mid-upload) leaving no exception behind, route prefixes, and /metrics
+(merge, a replica's 401 passed through, dead replicas skipped). The replica with a real engine:
+JSON answers whole in the head, SSE in chunks, its thread count, health, shutdown."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -28,8 +30,12 @@ JSON = [("Content-Type", "application/json")]
 SSE_HEAD = {"status": 200, "headers": [("Content-Type", "text/event-stream")], "replica": "r2"}
 
 
+PENDING = object()  # a FakeStream item: the replica has not produced the next chunk yet
+
+
 class FakeStream:
-    """A DeploymentResponseGenerator stand-in: yields `items`; an exception item is raised."""
+    """A DeploymentResponseGenerator stand-in: yields `items`; an exception item is raised;
+    `PENDING` waits until the caller is cancelled (the engine is still generating)."""
 
     def __init__(self, items: list[Any]) -> None:
         self.items = list(items)
@@ -42,6 +48,8 @@ class FakeStream:
         if not self.items:
             raise StopAsyncIteration
         item = self.items.pop(0)
+        if item is PENDING:
+            await asyncio.Event().wait()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -159,6 +167,30 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408():
     assert response.status_code == 408 and json.loads(data)["error"]["code"] == 408
 
 
+@pytest.mark.parametrize("hang_up", ["cancelled", "disconnect"])
+def test_a_client_that_goes_away_during_the_body_costs_no_replica_call(hang_up: str):
+    """Mid-upload, Serve's cancelled receive call (TaskCancelledError) or an `http.disconnect`
+    (Starlette's ClientDisconnect) ends the request with a 400 no one reads, not an exception
+    left in Serve's unawaited handler task; no replica is called."""
+    from ray.exceptions import TaskCancelledError
+
+    messages = [{"type": "http.request", "body": b'{"prompt": ', "more_body": True}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        if hang_up == "cancelled":
+            raise TaskCancelledError()
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "root_path": "",
+             "query_string": b"", "headers": []}  # fmt: skip
+    handle = FakeHandle([])
+    response, data = _call(OpenAIIngress(handle), Request(scope, receive))
+    assert response.status_code == 400 and "disconnected" in json.loads(data)["error"]["message"]
+    assert handle.calls == []
+
+
 def test_a_replica_that_dies_before_answering_costs_a_retry():
     head = {"status": 200, "headers": JSON, "replica": "r1", "body": b"{}"}
     # Killed, or its loopback server gone (the replica's call raised: a RayTaskError).
@@ -182,9 +214,12 @@ def test_too_many_requests_waiting_for_a_replica_is_a_503_with_retry_after():
     assert json.loads(data)["error"]["type"] == "ServiceUnavailableError"
 
 
-def test_a_replica_that_dies_mid_stream_ends_it_with_an_error_event():
+def test_a_replica_that_dies_mid_stream_ends_it_with_an_error_event(caplog):
     stream = FakeStream([SSE_HEAD, b"data: {}\n\n", ActorDiedError()])
-    response, data = _call(OpenAIIngress(FakeHandle([stream])), _request("POST", "/tokenize"))
+    with caplog.at_level(logging.WARNING, logger="engine.serve.ingress"):
+        response, data = _call(OpenAIIngress(FakeHandle([stream])), _request("POST", "/tokenize"))
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "a replica failed mid-stream" in caplog.records[0].getMessage()
     events = [e for e in data.decode().split("\n\n") if e]
     assert events[0] == "data: {}" and events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["code"] == 500
@@ -202,6 +237,83 @@ def test_a_client_that_goes_away_cancels_the_replica_call():
         await chunks.aclose()  # Starlette closes the iterator when the client disconnects
 
     asyncio.run(go())
+    assert stream.cancelled
+
+
+# When Serve's cancellation of the handler's task lands, in event-loop iterations after the
+# hang-up (None: never): at once, or while the response unwinds (it crosses threads in Serve).
+@pytest.mark.parametrize("cancel_after", [None, 0, 2], ids=["uncancelled", "at-once", "later"])
+def test_a_disconnect_seen_as_a_cancelled_receive_ends_the_stream_without_an_error(
+    cancel_after: int | None,
+):
+    """When the client hangs up, Serve's proxy cancels the request and, with it, the ingress's
+    pending `receive_asgi_messages` call to the proxy: Ray's ASGI receive proxy (the real class
+    here) then raises that call's TaskCancelledError from `receive()`, where Starlette's
+    StreamingResponse awaits `http.disconnect`. The stream must end as on a disconnect (the
+    replica call cancelled) with nothing escaping the response, whether or not (or when) Serve
+    also cancels the handler's task: Serve does not await that task once the request is cancelled,
+    so an exception left in it was logged as "Task exception was never retrieved"."""
+    import gc
+
+    from ray.exceptions import TaskCancelledError
+    from ray.serve._private.http_util import ASGIReceiveProxy
+
+    stream = FakeStream([SSE_HEAD, b"data: 1\n\n", PENDING])
+    ingress = OpenAIIngress(FakeHandle([stream]))
+    reported: list[dict] = []
+
+    async def go() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: reported.append(ctx))
+        response = await ingress(_request("POST", "/v1/completions", b"{}"))
+        client_gone = asyncio.Event()
+
+        async def receive_asgi_messages(_metadata: Any) -> bytes:  # the call to the proxy
+            await client_gone.wait()
+            raise TaskCancelledError()  # ray.cancel'd with the request
+
+        async def send(message: dict) -> None:
+            if message.get("body"):  # the first event reached the client, which hangs up
+                client_gone.set()
+
+        scope = {"type": "http"}
+        receive = ASGIReceiveProxy(scope, None, receive_asgi_messages)
+        fetching = asyncio.create_task(receive.fetch_until_disconnect())  # as Serve does
+        call = asyncio.create_task(response(scope, receive, send))  # Serve's handler task
+        await client_gone.wait()
+        if cancel_after is not None:
+            for _ in range(cancel_after):
+                await asyncio.sleep(0)
+            call.cancel()
+        await asyncio.wait([call, fetching], timeout=10)
+        assert call.done()
+        del call  # unawaited, as Serve leaves it: asyncio reports an exception left in it
+        gc.collect()
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
+    assert stream.cancelled
+    assert [c["message"] for c in reported] == []
+
+
+def test_only_a_cancelled_receive_counts_as_a_disconnect():
+    """Any other error from `receive()` (here the proxy's actor died) still propagates out of
+    the response, after the replica call is cancelled."""
+    stream = FakeStream([SSE_HEAD, PENDING])
+    ingress = OpenAIIngress(FakeHandle([stream]))
+
+    async def go() -> None:
+        response = await ingress(_request("POST", "/v1/completions", b"{}"))
+
+        async def receive() -> dict:
+            raise ActorDiedError()
+
+        async def send(message: dict) -> None:
+            pass
+
+        await response({"type": "http"}, receive, send)
+
+    with pytest.raises(ActorDiedError):
+        asyncio.run(go())
     assert stream.cancelled
 
 

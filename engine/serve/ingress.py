@@ -13,12 +13,19 @@ response names the replica that served it in the `x-engine-replica` header.
 * A replica that dies before sending a response head (killed, node lost) costs a retry on
   another replica (`max_attempts` in all); one that dies mid-stream ends an SSE stream with an
   error event and `data: [DONE]`, as the server does for a failed step.
+* A client that hangs up: Serve's proxy cancels the request, and with it the pending call
+  through which this replica's `receive()` fetches the client's messages, so `receive()` raises
+  that call's `TaskCancelledError` instead of returning `http.disconnect`. Mid-stream
+  `_SSEResponse`, and mid-upload the body read, take it for the disconnect it is: escaping into
+  Serve's handler task, which nobody awaits once the request is cancelled, it was logged as
+  "Task exception was never retrieved" (or "Future exception ...") with a traceback.
 * More requests waiting for a replica than the engine deployment's `max_queued_requests` (the
   server's `--max-waiting-requests`): 503 with `Retry-After`, as the plain server answers.
 
 Invariants: a request is answered with the replica's status, headers and bytes, or with OpenAI's
-error JSON (408 body too slow, 413 body too large, 503 no replica could take it); an early client
-disconnect cancels the replica call, which aborts the engine request.
+error JSON (400 client gone before its body arrived, 408 body too slow, 413 body too large, 503 no
+replica could take it); an early client disconnect cancels the replica call, which aborts the
+engine request, and leaves no exception in Serve's handler task.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive
 
 from engine.serve.metrics import merge_replica_metrics
 from engine.serve.routing import DEFAULT_PREFIX_CHARS, ROUTED_PATHS, routing_key
@@ -86,6 +94,20 @@ def _sse_error(message: str) -> bytes:
     return f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n".encode()
 
 
+class _SSEResponse(StreamingResponse):
+    """Starlette's `StreamingResponse` for a relayed SSE stream, where a cancelled `receive()`
+    (Ray's `TaskCancelledError`, or Serve's `RequestCancelledError`, its subclass) counts as
+    the client's disconnect: the body iterator is then cancelled as on `http.disconnect` (its
+    `finally` cancels the replica call), and the response ends without an exception. Any other
+    error from `receive()` still propagates."""
+
+    async def listen_for_disconnect(self, receive: Receive) -> None:
+        try:
+            await super().listen_for_disconnect(receive)
+        except TaskCancelledError:
+            logger.debug("the client went away: Serve cancelled the request's receive call")
+
+
 def _route_path(request: Request) -> str:
     """The path below the application's route prefix (`serve.run(..., route_prefix="/a")`
     serves this app's `/v1/models` at `/a/v1/models`)."""
@@ -116,6 +138,9 @@ class OpenAIIngress:
         except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
             message = f"The request body did not arrive within {timeout:g} s"
             return _error(APIError(message, status=408))
+        except (ClientDisconnect, TaskCancelledError):  # as in `_SSEResponse`; no one reads this
+            message = "The client disconnected before the request body arrived"
+            return _error(APIError(message, status=400))
         key = self._routing_key(request.method, path, body)
         target = path + (f"?{request.url.query}" if request.url.query else "")
         headers = list(request.headers.items())
@@ -172,7 +197,7 @@ class OpenAIIngress:
         status = head["status"]
         if "body" in head:  # a whole JSON answer
             return Response(head["body"], status_code=status, headers=headers)
-        return StreamingResponse(self._relay_sse(stream), status_code=status, headers=headers)
+        return _SSEResponse(self._relay_sse(stream), status_code=status, headers=headers)
 
     async def _relay_sse(self, stream: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
         finished = False
