@@ -527,12 +527,14 @@ def report(
     ]
     for r in results:
         first = min(args.concurrency)
-        ceiling = prefill_ceiling(r.engine_level(first), r.offline().engine, cost, bounds)
+        ceiling = ""
+        if r.kind == "f32":  # the measured GEMM rate is fp32's
+            value = prefill_ceiling(r.engine_level(first), r.offline().engine, cost, bounds)
+            ceiling = f" (ceiling {value:.0%}: the prompts' prefill at the GEMM rate)"
         lines.append(
             f"[{r.kind}] engine: {r.engine_source}; engine server at concurrency {first} = "
-            f"{r.server_fraction(first):.0%} of its offline batch-1 speed (ceiling "
-            f"{ceiling:.0%}: the prompts' prefill at the GEMM rate); weights read per batch-1 "
-            f"token {r.weight_bytes / 1e6:.0f} MB"
+            f"{r.server_fraction(first):.0%} of its offline batch-1 speed{ceiling}; weights "
+            f"read per batch-1 token {r.weight_bytes / 1e6:.0f} MB"
         )
     return "\n".join(lines)
 

@@ -118,6 +118,9 @@ def test_report_prints_bounds_for_f32_serving_and_every_offline_row(vs, common):
     assert float(f32_serve[4]) == pytest.approx(expected, rel=0.01)
     assert rows[("q8_0", "server, concurrency 1")][4:] == ["-", "-", "-"]
     assert "[f32] engine: m; engine server at concurrency 1 = 95% of its offline" in text
+    f32_line, q8_line = (line for line in text.splitlines() if line.startswith("["))
+    assert "(ceiling " in f32_line  # the prefill ceiling needs fp32's GEMM rate: f32 only
+    assert "ceiling" not in q8_line
 
 
 def test_rows_pair_the_ratio_within_each_round(vs):
